@@ -1,0 +1,109 @@
+"""Tiny random mlx-lm models of every supported architecture, built offline for tests."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import _get_classes
+
+_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=256,
+)
+
+CONFIGS = {
+    "llama": dict(_COMMON, model_type="llama"),
+    "mistral": dict(_COMMON, model_type="mistral"),
+    "qwen2": dict(_COMMON, model_type="qwen2"),
+    "qwen3": dict(
+        _COMMON,
+        model_type="qwen3",
+        head_dim=16,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
+    "gemma": dict(_COMMON, model_type="gemma", head_dim=16),
+    "gemma2": dict(
+        _COMMON,
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+    ),
+    "gemma3_text": dict(
+        _COMMON,
+        model_type="gemma3_text",
+        head_dim=16,
+        sliding_window=32,
+        sliding_window_pattern=2,
+    ),
+    "olmo2": dict(_COMMON, model_type="olmo2"),
+    "cohere": dict(_COMMON, model_type="cohere", layer_norm_eps=1e-5),
+    "phi3": dict(_COMMON, model_type="phi3"),
+    "starcoder2": dict(_COMMON, model_type="starcoder2", norm_epsilon=1e-5),
+    "gpt2": dict(
+        model_type="gpt2",
+        n_ctx=256,
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        n_positions=256,
+        layer_norm_epsilon=1e-5,
+        vocab_size=128,
+    ),
+    "gpt_neox": dict(
+        model_type="gpt_neox",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        layer_norm_eps=1e-5,
+        vocab_size=128,
+        rotary_emb_base=10000,
+        rotary_pct=0.25,
+        max_position_embeddings=256,
+    ),
+    "phi": dict(
+        model_type="phi",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+        layer_norm_eps=1e-5,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def build(arch: str, seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialised mlx-lm model of ``arch`` with non-trivial norms/biases."""
+    config = dict(CONFIGS[arch], **overrides)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mx.random.seed(seed)
+    params = []
+    from mlx.utils import tree_flatten
+
+    for k, v in tree_flatten(model.parameters()):
+        if "norm" in k or "ln" in k:
+            params.append((k, 1.0 + 0.1 * mx.random.normal(v.shape)))
+        else:
+            params.append((k, 0.08 * mx.random.normal(v.shape)))
+    model.load_weights(params)
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized(arch: str, bits: int = 4, group_size: int = 32, mode: str = "affine"):
+    """A tiny model quantized the way mlx-lm quantizes (embeddings and linears)."""
+    model = build(arch)
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode)
+    mx.eval(model.parameters())
+    return model
