@@ -16,9 +16,24 @@ __all__ = [
     "__version__",
     "apply_braces",
     "braced_layers",
+    "generate",
     "load",
     "load_adapter",
     "orthonormalize",
     "print_trainable_parameters",
     "save_adapter",
+    "stream_generate",
 ]
+
+
+def __getattr__(name: str):
+    """``generate``/``stream_generate`` import mlx-lm's generation code on first use."""
+    if name in ("generate", "stream_generate"):
+        import importlib
+
+        module = importlib.import_module(".generate", __name__)
+        globals().update(
+            generate=module.generate, stream_generate=module.stream_generate
+        )
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,12 @@ from mlx.utils import tree_flatten
 
 from ._version import __version__
 from .braces import apply_braces, braced_layers
+from .steering import (
+    SteeringError,
+    attribute_config,
+    check_attributes,
+    install_attributes,
+)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -54,7 +60,10 @@ def braces_config(model: nn.Module) -> dict[str, Any]:
             "rank": first.rank,
             "gate_init": getattr(first, "gate_init", None),
             "layers": [p for p, _ in layers],
+            # d_ff per layer: R (rank, d) alone cannot tell bases of equal width apart
+            "ffn_dims": [m.hidden_dims for _, m in layers],
         },
+        **attribute_config(model),  # "attributes" {name: [words]}, when it has any
     }
 
 
@@ -65,6 +74,9 @@ def _atomic_write(path: Path, write) -> None:
         dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
     )
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make adapters private
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -91,14 +103,12 @@ def save_config(config: dict[str, Any], file: str | Path) -> None:
 
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(dict(sorted(config.items())), f, indent=4)
+            json.dump(dict(sorted(config.items())), f, indent=4, default=str)
 
     _atomic_write(Path(file), write)
 
 
-def save_adapter(
-    model: nn.Module, adapter_path: str | Path, /, **config: Any
-) -> Path:
+def save_adapter(model: nn.Module, adapter_path: str | Path, /, **config: Any) -> Path:
     """Save ``model``'s braces to ``adapter_path`` (config + weights); returns the folder.
 
     Extra keyword arguments (e.g. ``model="mlx-community/..."``, training settings) are
@@ -119,7 +129,7 @@ def read_config(adapter_path: str | Path) -> dict[str, Any]:
     try:
         with open(file) as f:
             config = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{file}: expected a JSON object")
@@ -147,13 +157,24 @@ def check_braces_config(config: dict[str, Any], file: str | Path) -> None:
     layers = params.get("layers")
     if not isinstance(layers, list) or not layers:
         raise AdapterError(f"{file}: braces_parameters.layers must be a non-empty list")
+    if "attributes" in config:
+        try:
+            check_attributes(config["attributes"], f"{file}: field 'attributes'")
+        except SteeringError as e:
+            raise AdapterError(str(e)) from None
+        hidden = config.get("attribute_parameters", {}).get("hidden_dims")
+        if not isinstance(hidden, int) or hidden <= 0:
+            raise AdapterError(
+                f"{file}: attribute_parameters.hidden_dims must be a positive "
+                f"integer, got {hidden!r}"
+            )
 
 
 def _read_weights(file: Path) -> dict[str, mx.array]:
     if not file.is_file():
         raise AdapterError(f"{file}: not found")
     try:
-        weights = mx.load(str(file))
+        weights = mx.load(str(file), format="safetensors")  # never another format
         mx.eval(weights)
     except (RuntimeError, ValueError) as e:
         raise AdapterError(f"{file}: cannot read ({e})") from None
@@ -170,7 +191,7 @@ def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
             model,
             rank=params["rank"],
             num_layers=num_layers,
-            gate_init=params.get("gate_init") or -5.0,
+            gate_init=-5.0 if params.get("gate_init") is None else params["gate_init"],
         )
     except ValueError as e:
         raise AdapterError(
@@ -181,6 +202,22 @@ def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
         raise AdapterError(
             f"{file}: adapter braces layers {want[0]}..{want[-1]} ({len(want)}) but "
             f"this base model's last {num_layers} FFNs are {have[0]}..{have[-1]}"
+        )
+    recorded = params.get("ffn_dims")  # absent from adapters saved before it
+    actual = [m.hidden_dims for _, m in braced_layers(model)]
+    if recorded is not None and recorded != actual:
+        i = next((i for i, (a, b) in enumerate(zip(recorded, actual)) if a != b), 0)
+        raise AdapterError(
+            f"{file}: adapter was trained on a base model whose {want[i]} has FFN "
+            f"width {recorded[i]}, this one has {actual[i]} (wrong base model?)"
+        )
+    if "attributes" in config:  # conditional branches, filled by the weights
+        attr = config["attribute_parameters"]
+        install_attributes(
+            model,
+            config["attributes"],
+            hidden_dims=attr["hidden_dims"],
+            contrast=bool(attr.get("contrast", False)),
         )
 
 
@@ -207,10 +244,21 @@ def load_adapter(
     expected = adapter_parameters(model)
     missing = sorted(set(expected) - set(loaded))
     extra = sorted(set(loaded) - set(expected))
+    if missing and not any(".cond." in k for k in loaded) and "attributes" in config:
+        raise AdapterError(
+            f"{file}: {config_file} lists attributes "
+            f"{', '.join(config['attributes'])} but the weights have no attribute "
+            f"tensors (e.g. {missing[0]})"
+        )
     if missing:
         raise AdapterError(
             f"{file}: missing {len(missing)} tensor(s) the base model needs, "
             f"e.g. {missing[0]}"
+        )
+    if extra and "attributes" not in config and any(".cond." in k for k in extra):
+        raise AdapterError(
+            f"{file}: has attribute tensors (e.g. {extra[0]}) but {config_file} "
+            "lists no 'attributes'"
         )
     if extra:
         raise AdapterError(
@@ -218,21 +266,51 @@ def load_adapter(
             f"e.g. {extra[0]}"
         )
     for name, w in loaded.items():
-        if w.shape != expected[name].shape:
+        if name.endswith(".cond.e") and w.shape != expected[name].shape:
+            raise AdapterError(
+                f"{file}: {name} has shape {tuple(w.shape)}, but {config_file} lists "
+                f"{len(config['attributes'])} attribute(s) of width "
+                f"{expected[name].shape[1]}: expected {tuple(expected[name].shape)}"
+            )
+        want = expected[name].shape
+        if name.endswith(".R") and w.shape != want and w.shape[1:] == want[1:]:
+            raise AdapterError(  # R is (rank, d): only the rank differs
+                f"{file}: {name} has rank {w.shape[0]} (shape {tuple(w.shape)}) "
+                f"but {config_file} records rank {want[0]}"
+            )
+        if w.shape != want:
             raise AdapterError(
                 f"{file}: {name} has shape {tuple(w.shape)}, the base model expects "
                 f"{tuple(expected[name].shape)} (wrong base model or rank?)"
             )
         if not mx.all(mx.isfinite(w)).item():
             raise AdapterError(f"{file}: {name} contains NaN or inf")
+        if name.endswith(".R"):  # training keeps max |R Rᵀ - I| < 1e-4
+            R = w.astype(mx.float32)
+            err = mx.abs(R @ R.T - mx.eye(R.shape[0])).max().item()
+            if err > 1e-3:
+                raise AdapterError(
+                    f"{file}: {name} rows are not orthonormal (max |R Rᵀ - I| = "
+                    f"{err:.2g}); the file is corrupted or was not saved by mlx_braces"
+                )
     model.load_weights(list(loaded.items()), strict=False)
     model.eval()
     return model
 
 
 def is_braces_adapter(adapter_path: str | Path) -> bool:
-    """True if ``adapter_path`` holds a braces adapter config."""
-    return read_config(adapter_path).get("fine_tune_type") == "braces"
+    """True if ``adapter_path`` holds a braces adapter config.
+
+    A config with braces fields but another ``fine_tune_type`` is an error, not LoRA.
+    """
+    config = read_config(adapter_path)
+    kind = config.get("fine_tune_type")
+    if kind != "braces" and "braces_parameters" in config:
+        raise AdapterError(
+            f"{Path(adapter_path) / CONFIG_NAME}: has braces_parameters but "
+            f"fine_tune_type is {kind!r}; expected 'braces'"
+        )
+    return kind == "braces"
 
 
 def load(
@@ -248,7 +326,9 @@ def load(
     """``mlx_lm.load`` that also applies braces adapters; same arguments and returns.
 
     LoRA, DoRA and full adapters are handed to mlx-lm unchanged. With a braces adapter
-    and no model, the base model recorded in the adapter config is loaded.
+    and no model, the base model recorded in the adapter config is loaded; a base the
+    adapter was trained on after in-memory quantization (``base_quantization``) is
+    quantized the same way first.
     """
     from mlx_lm import load as mlx_load
 
@@ -256,18 +336,41 @@ def load(
     if path_or_hf_repo is None:
         recorded = read_config(adapter_path).get("model") if adapter_path else None
         if not recorded:
-            raise AdapterError("No model given and the adapter config records none.")
+            where = (
+                f"{Path(adapter_path) / CONFIG_NAME} records none (field 'model')"
+                if adapter_path
+                else "no adapter"
+            )
+            raise AdapterError(f"No model given and {where}.")
         path_or_hf_repo = recorded
-    out = mlx_load(
+    model, tokenizer, config = mlx_load(
         path_or_hf_repo,
         tokenizer_config=tokenizer_config,
         model_config=model_config,
         adapter_path=None if braces else adapter_path,
         lazy=lazy,
-        return_config=return_config,
+        return_config=True,
         revision=revision,
         trust_remote_code=trust_remote_code,
     )
     if braces:
-        load_adapter(out[0], adapter_path)
-    return out
+        quant = read_config(adapter_path).get("base_quantization")
+        if (
+            quant and "quantization" not in config
+        ):  # trained on a base quantized in memory
+            model, config = quantize_base(model, config, **quant)
+        load_adapter(model, adapter_path)
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def quantize_base(
+    model: nn.Module, config: dict[str, Any], bits: int = 4, group_size: int = 64
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Quantize a full-precision base in memory exactly as mlx-lm's convert would."""
+    import contextlib
+    import io
+
+    from mlx_lm.utils import quantize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
+        return quantize_model(model, config, group_size=group_size, bits=bits)

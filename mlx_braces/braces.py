@@ -40,7 +40,8 @@ def value_projection(down: nn.Module, R: mx.array) -> mx.array:
             bits=down.bits,
             mode=down.mode,
         )
-    return R @ down.weight.astype(R.dtype)
+    # Cast R (rank, d), not W_V: an fp32 copy of a bf16 W_V would live until backward.
+    return R.astype(down.weight.dtype) @ down.weight
 
 
 def orthonormal_rows(rank: int, dims: int, key: mx.array | None = None) -> mx.array:
@@ -91,11 +92,22 @@ class _ValueCache:
         self.A: mx.array | None = None
 
 
+class _Steering:
+    """Attribute strengths ``S`` and the cached ``S r_c`` (a plain object, no params)."""
+
+    def __init__(self):
+        self.strengths: mx.array | None = None  # (n_attr,) or (B, n_attr)
+        self.key: tuple[mx.array, ...] | None = None
+        self.term: mx.array | None = None
+
+
 class BracedFFN(nn.Module):
     """An FFN block whose value-vector contributions get a gated relevance score.
 
     Trainable: ``R`` (rank, d), orthonormal rows, and ``gate`` (ĝ, shape (1,)).
-    The wrapped FFN lives in ``ffn`` and is frozen.
+    The wrapped FFN lives in ``ffn`` and is frozen. An optional conditional branch
+    ``cond`` (see :mod:`mlx_braces.steering`) maps attributes to ``h_c`` (n_attr, d);
+    with strengths ``S`` set, the update is ``g·(r(x) + S r_c)`` (METHOD.md §4).
     """
 
     def __init__(
@@ -122,6 +134,7 @@ class BracedFFN(nn.Module):
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
         self._cache = _ValueCache()
+        self._steering = _Steering()
 
     @property
     def down(self) -> nn.Module:
@@ -154,9 +167,51 @@ class BracedFFN(nn.Module):
         A = self.value_projection().astype(x.dtype)
         return ((x @ R.T) @ A) * (1.0 / math.sqrt(self.rank))
 
+    @property
+    def steering(self) -> mx.array | None:
+        """Attribute strengths ``S``: None, (n_attr,) for all rows, or (B, n_attr)."""
+        return self._steering.strengths
+
+    def set_steering(self, strengths: mx.array | None) -> None:
+        """Set (or clear, with None) the strengths ``S`` used by the next calls."""
+        if strengths is not None:
+            cond = self.get("cond")
+            n = None if cond is None else cond.e.shape[0]
+            if strengths.ndim not in (1, 2) or strengths.shape[-1] != n:
+                raise ValueError(
+                    f"steering strengths must have shape (n_attr,) or (B, n_attr) with "
+                    f"n_attr={n}, got {tuple(strengths.shape)}"
+                )
+        self._steering.strengths = strengths
+
+    def attribute_relevance(self) -> mx.array:
+        """``r_c`` (n_attr, d_ff): the relevance of every ``h_c = MLP(e_c)``."""
+        return self.relevance(self.cond())
+
+    def steering_term(self) -> mx.array:
+        """``S r_c``: (d_ff,) or (B, d_ff) fp32; cached outside training."""
+        state = self._steering
+        key = (self.R, self.down.weight, state.strengths, *self.cond.arrays())
+        if state.key is not None and all(a is b for a, b in zip(state.key, key)):
+            return state.term
+        term = state.strengths.astype(mx.float32) @ self.attribute_relevance()
+        if not self.training:
+            try:
+                mx.eval(term)  # cache concrete values only, never a compile tracer
+            except ValueError:
+                return term
+            state.key, state.term = key, term
+        return term
+
     def __call__(self, x: mx.array, *args, **kwargs) -> Any:
         inject = getattr(self.ffn, self.down_name)
-        inject.delta = self.g.astype(x.dtype) * self.relevance(x)
+        r = self.relevance(x)
+        if self._steering.strengths is not None:
+            term = self.steering_term()  # (d_ff,) or (B, d_ff): constant over tokens
+            if term.ndim == 2:
+                term = term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
+            r = r + term.astype(x.dtype)
+        inject.delta = self.g.astype(x.dtype) * r
         try:
             return self.ffn(x, *args, **kwargs)
         finally:
@@ -192,7 +247,7 @@ def find_down_projection(module: nn.Module) -> str | None:
     and exactly one d_ff -> d (down), with d_ff != d. Attention blocks fail this test.
     """
     lins = {k: v for k, v in module.children().items() if isinstance(v, LINEAR_TYPES)}
-    if len(lins) < 2:
+    if not 2 <= len(lins) <= 3:  # q/k/v/o attention (e.g. Gemma-7B's 3072->4096) has 4
         return None
     dims = {k: linear_dims(v) for k, v in lins.items()}
     hits = []
@@ -275,6 +330,7 @@ def apply_braces(
     for i, name, ffn, down in ffns[n - num_layers :]:
         block = model.layers[i]
         braced = BracedFFN(ffn, down, rank, gate_init, key=keys[i])
+        braced.train(model.training)  # mlx_lm.load gives eval mode: keep it (A cache)
         parent, attr = _parent_and_attr(block, name)
         setattr(parent, attr, braced)
     return model

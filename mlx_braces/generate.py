@@ -1,0 +1,247 @@
+"""Generate text with braces adapters: ``mlx_lm.generate`` with our loader and steering.
+
+The command line is mlx-lm's own (same flags, defaults, streaming and footer): its
+``main`` runs unchanged with :func:`mlx_braces.load` in place of ``mlx_lm.load``. Added
+flags: ``--attribute NAME --strength S`` (repeatable, paired in order) to steer, and
+``--compare`` to print the base model's output before the adapter's. With neither
+``--model`` nor ``--adapter-path``, the embedded stories260K model is used, and an
+adapter in ``./adapters`` (where ``mlx_braces.train`` saves) is compared against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import io
+import sys
+from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.nn as nn
+
+from .adapters import (
+    CONFIG_NAME,
+    AdapterError,
+    is_braces_adapter,
+    load,
+    load_adapter,
+    read_config,
+)
+
+# The module itself: `import mlx_lm.generate` gives the function of that name.
+_mlx = importlib.import_module("mlx_lm.generate")
+
+EMBEDDED_MODEL = Path(__file__).parent / "assets" / "stories260K"
+EMBEDDED_PROMPT = "Once upon a time"  # the embedded model writes children's stories
+DEFAULT_ADAPTER = "adapters"  # mlx_braces.train's default --adapter-path
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | list[int],
+    steering: Mapping[str, float] | None = None,
+    **kwargs,
+) -> Generator[Any, None, None]:
+    """``mlx_lm.stream_generate``; ``steering`` ({attribute: strength}) holds for this call."""
+    with _steering(model, steering):
+        yield from _mlx.stream_generate(model, tokenizer, prompt, **kwargs)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | list[int],
+    verbose: bool = False,
+    steering: Mapping[str, float] | None = None,
+    **kwargs,
+) -> str:
+    """``mlx_lm.generate``; ``steering`` ({attribute: strength}) holds for this call."""
+    with _steering(model, steering):
+        return _mlx.generate(model, tokenizer, prompt, verbose=verbose, **kwargs)
+
+
+def _steering(model: nn.Module, strengths: Mapping[str, float] | None):
+    """Steer inside the block and restore after; None leaves the model as it is."""
+    if strengths is None:
+        return contextlib.nullcontext()
+    from .steering import steering
+
+    return steering(model, strengths)
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """mlx-lm's generate parser (every flag and default kept) plus steering flags."""
+    parser = _mlx.setup_arg_parser()
+    parser.description = "Generate text with an mlx-lm model and a braces adapter."
+    for action in parser._actions:
+        if action.dest == "model":
+            action.help = (
+                "The path to the local model directory or Hugging Face repo. Default: "
+                "the base model recorded in the adapter, else the embedded stories260K."
+            )
+        elif action.dest == "prompt":  # None: resolved in main (see EMBEDDED_PROMPT)
+            action.default = None
+    parser.add_argument(
+        "--attribute",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Steer with attribute NAME of the adapter (repeatable).",
+    )
+    parser.add_argument(
+        "--strength",
+        action="append",
+        type=float,
+        default=[],
+        metavar="S",
+        help="Strength of the matching --attribute: > 0 toward it, < 0 away "
+        "(repeatable, paired in order; default 1.0 each).",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="Print the base model's output first, then the adapter's.",
+    )
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the model, adapter and prompt that were not given (quickstart defaults)."""
+    quickstart = args.model is None and args.adapter_path is None
+    if quickstart and (Path(DEFAULT_ADAPTER) / CONFIG_NAME).is_file():
+        args.adapter_path, args.compare = DEFAULT_ADAPTER, True
+    if args.model is None and args.adapter_path is not None:
+        args.model = read_config(args.adapter_path).get("model")
+        if not args.model:
+            raise AdapterError(
+                f"{Path(args.adapter_path) / CONFIG_NAME}: records no base model "
+                "(field 'model'); pass --model"
+            )
+    if args.model is None:
+        args.model = str(EMBEDDED_MODEL)
+    if args.prompt is None:
+        embedded = Path(args.model).resolve() == EMBEDDED_MODEL.resolve()
+        args.prompt = EMBEDDED_PROMPT if embedded else _mlx.DEFAULT_PROMPT
+    if quickstart and args.adapter_path is not None and args.verbose:
+        print(
+            f"Comparing {args.model} without and with the adapter in ./{DEFAULT_ADAPTER}",
+            file=sys.stderr,
+        )
+    return args
+
+
+def apply_adapter(model: nn.Module, adapter_path: str) -> None:
+    """Apply a braces (or mlx-lm LoRA/DoRA/full) adapter to a loaded model in place."""
+    if is_braces_adapter(adapter_path):
+        load_adapter(model, adapter_path)
+    else:
+        from mlx_lm.tuner.utils import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
+
+
+class _Parsed:
+    """Stands in for mlx-lm's parser inside its ``main``: returns our parsed args."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def parse_args(self, *_, **__) -> argparse.Namespace:
+        return self.args
+
+
+def run_mlx_main(args: argparse.Namespace, loader: Callable[..., Any]) -> None:
+    """Run ``mlx_lm.generate.main`` on ``args``, loading models with ``loader``."""
+    if not all(hasattr(_mlx, k) for k in ("main", "setup_arg_parser", "load")):
+        raise RuntimeError("this mlx-lm's generate module cannot be wrapped")
+    calls = []
+
+    def load_through(*a, **k):
+        calls.append(a)
+        return loader(*a, **k)
+
+    saved = _mlx.setup_arg_parser, _mlx.load
+    _mlx.setup_arg_parser, _mlx.load = (lambda: _Parsed(args)), load_through
+    try:
+        _mlx.main()
+    finally:
+        _mlx.setup_arg_parser, _mlx.load = saved
+    if not calls:
+        raise RuntimeError("mlx_lm.generate.main no longer loads through `load`")
+
+
+def _describe(args: argparse.Namespace, steering: dict[str, float] | None) -> str:
+    what = f"with adapter {args.adapter_path}"
+    if steering:
+        what += ", steering " + ", ".join(f"{k}={v:+g}" for k, v in steering.items())
+    return what
+
+
+def run(args: argparse.Namespace, steering: dict[str, float] | None = None) -> None:
+    """Generate as ``mlx_lm.generate`` does; with ``args.compare``, base model first."""
+    models = {}
+
+    def loader(path, adapter_path=None, braced=True, **kwargs):
+        if adapter_path is None:  # no adapter, or mlx-lm loading the draft model
+            return load(path, **kwargs)
+        if not args.compare:
+            out = load(path, adapter_path=adapter_path, **kwargs)
+        elif not braced:
+            out = models["base"] = load(path, **kwargs)
+            return out
+        else:  # the base model of the first run, with the adapter added
+            out = models["base"]
+            apply_adapter(out[0], adapter_path)
+        if steering:
+            from .steering import steer
+
+            steer(out[0], steering)
+        return out
+
+    if not args.compare:
+        run_mlx_main(args, loader)
+        return
+    prompt = sys.stdin.read() if args.prompt == "-" else None
+    for braced in (False, True):
+        what = _describe(args, steering) if braced else "base model"
+        print(f"--- {args.model}, {what}", flush=True)
+        if prompt is not None:
+            sys.stdin = io.StringIO(prompt)  # mlx-lm reads `-p -` from stdin each run
+        run_mlx_main(args, functools.partial(loader, braced=braced))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``mlx_braces.generate`` on the command line (``argv``: sys.argv[1:] if None)."""
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    if len(args.strength) not in (0, len(args.attribute)):
+        parser.error(
+            f"--attribute and --strength come in pairs: got {len(args.attribute)} "
+            f"--attribute and {len(args.strength)} --strength"
+        )
+    if len(set(args.attribute)) != len(args.attribute):
+        parser.error(f"an attribute is given twice: {', '.join(args.attribute)}")
+    strengths = args.strength or [1.0] * len(args.attribute)
+    steering = dict(zip(args.attribute, strengths)) or None
+    stdin = sys.stdin
+    try:
+        resolve(args)
+        if (steering or args.compare) and args.adapter_path is None:
+            flag = "--compare" if args.compare else "--attribute"
+            parser.error(f"{flag} needs an adapter (--adapter-path)")
+        run(args, steering)
+    except ValueError as e:  # our errors (subclasses); mlx-lm's keep their traceback
+        if type(e) is ValueError:
+            raise
+        sys.exit(f"Error: {e}")
+    finally:
+        sys.stdin = stdin
+
+
+if __name__ == "__main__":
+    main()

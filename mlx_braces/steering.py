@@ -1,0 +1,534 @@
+"""Conditional control: steer a braced model with attributes (METHOD.md §4).
+
+An attribute ``c`` is a name and a list of words. Per braced layer ℓ:
+
+- ``e_c`` (d,) is the mean of the frozen base model's layer-ℓ FFN input over the
+  tokens of the attribute's words (stored in the adapter, never trained);
+- ``h_c = MLP(e_c)`` with a small trainable MLP (:class:`AttributeMLP`);
+- ``r_c = (R W_V)ᵀ (R h_c) / sqrt(rank)`` with the layer's own ``R``, and the FFN
+  computes ``W_V (w + g (r(x) + Σ_c s_c r_c))``.
+
+Training sets ``s_c = +1`` for examples labelled with ``c`` (``"attribute": c``) and
+0 for unlabelled ones; at generation ``steer(model, {c: s})`` picks any signed
+strength. ``r_c`` does not depend on the token, so ``Σ_c s_c r_c`` is computed once
+per (adapter, strengths) and cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .braces import BracedFFN, _parent_and_attr, braced_layers
+
+ATTRIBUTES_DIR = Path(__file__).parent / "assets" / "attributes"
+DEFAULT_HIDDEN_DIMS = 16
+
+
+class SteeringError(ValueError):
+    """A bad attribute definition, attribute label or steering request."""
+
+
+# ---------------------------------------------------------------------------
+# Attribute definitions
+
+
+def read_attributes(file: str | Path) -> dict[str, list[str]]:
+    """Read ``{name: [words, ...]}`` from a YAML or JSON file (or a shipped name).
+
+    A bare name such as ``sentiment`` picks ``mlx_braces/assets/attributes/NAME.yaml``.
+    """
+    path = Path(file)
+    if not path.exists() and (ATTRIBUTES_DIR / f"{file}.yaml").is_file():
+        path = ATTRIBUTES_DIR / f"{file}.yaml"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in ATTRIBUTES_DIR.glob("*.yaml")))
+        raise SteeringError(
+            f"{file}: attribute file not found (shipped attribute sets: {shipped})"
+        )
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise SteeringError(f"{path}: cannot parse ({e})") from None
+    return check_attributes(data, path)
+
+
+def check_attributes(
+    data: Any, source: str | Path = "attributes"
+) -> dict[str, list[str]]:
+    """Validate ``{name: [words, ...]}``: non-empty names and non-empty word lists."""
+    if not isinstance(data, Mapping) or not data:
+        raise SteeringError(
+            f"{source}: expected a mapping of attribute name -> list of words, "
+            f"e.g. {{positive: [good, great], negative: [bad, awful]}}"
+        )
+    out = {}
+    for name, words in data.items():
+        if not isinstance(name, str) or not name.strip():
+            raise SteeringError(
+                f"{source}: attribute names must be strings, got {name!r}"
+            )
+        if isinstance(words, str):
+            words = [words]
+        if (
+            not isinstance(words, Sequence)
+            or not words
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            raise SteeringError(
+                f"{source}: attribute '{name}' must list one or more non-empty words, "
+                f"got {words!r}"
+            )
+        out[name] = [w.strip() for w in words]
+    return out
+
+
+def tokenize_words(
+    tokenizer: Any, attributes: Mapping[str, Sequence[str]]
+) -> dict[str, list[list[int]]]:
+    """Token ids of every word as it appears mid-sentence (after a space), no BOS.
+
+    ``" " + word`` is encoded and leading whitespace-only tokens are dropped, so
+    BPE tokenizers give the ``Ġword`` form and SentencePiece ones ``▁word``.
+    """
+    out = {}
+    for name, words in attributes.items():
+        out[name] = []
+        for word in words:
+            ids = list(tokenizer.encode(" " + word, add_special_tokens=False))
+            while len(ids) > 1 and not tokenizer.decode(ids[:1]).strip():
+                ids = ids[1:]
+            if not ids or not tokenizer.decode(ids).strip():
+                raise SteeringError(
+                    f"attribute '{name}': word {word!r} tokenizes to nothing"
+                )
+            out[name].append(ids)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# e_c from the frozen base model
+
+
+class _Capture(nn.Module):
+    """Stands in for a braced FFN: keeps its input ``x``, runs the frozen base FFN."""
+
+    def __init__(self, braced: BracedFFN):
+        super().__init__()
+        self.braced = braced
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> Any:
+        self.x = x
+        return self.braced.ffn(x, *args, **kwargs)  # delta unset: the base FFN
+
+
+def attribute_embeddings(
+    model: nn.Module,
+    token_ids: Mapping[str, Sequence[Sequence[int]]],
+    bos_token_id: int | None = None,
+) -> list[mx.array]:
+    """``e_c`` of every braced layer: (n_attr, d) fp32, in ``braced_layers`` order.
+
+    Each word is run as its own sequence (``[BOS] + ids``, right-padded) through the
+    frozen base model (every brace bypassed); ``e_c`` is the mean of the layer's FFN
+    input over all tokens of all of ``c``'s words (BOS excluded).
+    """
+    layers = braced_layers(model)
+    if not layers:
+        raise SteeringError("Model has no braced layers: call apply_braces first.")
+    prefix = [] if bos_token_id is None else [int(bos_token_id)]
+    rows, owner = [], []
+    for c, words in enumerate(token_ids.values()):
+        for ids in words:
+            rows.append(prefix + [int(i) for i in ids])
+            owner.append(c)
+    length = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), length), np.int32)
+    weights = np.zeros((len(token_ids), len(rows), length), np.float32)
+    for b, (row, c) in enumerate(zip(rows, owner)):
+        tokens[b, : len(row)] = row
+        weights[c, b, len(prefix) : len(row)] = 1.0
+    weights /= weights.sum(axis=(1, 2), keepdims=True)
+
+    captures = []
+    for path, braced in layers:
+        parent, attr = _parent_and_attr(model, path)
+        captures.append((parent, attr, braced, _Capture(braced)))
+        setattr(parent, attr, captures[-1][-1])
+    try:
+        model(mx.array(tokens))
+        W = mx.array(weights.reshape(len(token_ids), -1))  # (n_attr, B·L)
+        out = [
+            W @ cap.x.astype(mx.float32).reshape(W.shape[1], -1) for *_, cap in captures
+        ]
+        mx.eval(out)
+    finally:
+        for parent, attr, braced, _ in captures:
+            setattr(parent, attr, braced)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The conditional module
+
+
+class AttributeMLP(nn.Module):
+    """``h_c = MLP(e_c)`` for the attributes of one braced layer: (n_attr, d).
+
+    ``e`` (n_attr, d) is a frozen buffer saved with the adapter. The MLP is
+    ``Linear(d, h) -> SiLU -> Linear(h, d)`` (``2·d·h + h + d`` parameters); its last
+    layer starts at zero, so ``r_c = 0`` and steering does nothing before training.
+    """
+
+    def __init__(
+        self,
+        embeddings: mx.array,
+        hidden_dims: int = DEFAULT_HIDDEN_DIMS,
+        key: mx.array | None = None,
+    ):
+        super().__init__()
+        n_attr, d = embeddings.shape
+        self.e = embeddings.astype(mx.float32)
+        self.up = nn.Linear(d, hidden_dims)
+        self.out = nn.Linear(hidden_dims, d)
+        bound = 1.0 / math.sqrt(d)
+        self.up.weight = mx.random.uniform(-bound, bound, (hidden_dims, d), key=key)
+        self.up.bias = mx.zeros((hidden_dims,))
+        self.out.weight = mx.zeros((d, hidden_dims))
+        self.out.bias = mx.zeros((d,))
+        self.freeze(keys=["e"], recurse=False)
+
+    def arrays(self) -> list[mx.array]:
+        """Every array ``h_c`` depends on (the steering cache's key)."""
+        return [v for _, v in tree_flatten(self.parameters())]
+
+    def __call__(self) -> mx.array:
+        return self.out(nn.silu(self.up(self.e)))
+
+
+class _AttributeSet:
+    """An adapter's attribute words and labelling (a plain object: not in the tree)."""
+
+    def __init__(self, attributes: Mapping[str, Sequence[str]], contrast: bool):
+        self.attributes = {k: list(v) for k, v in attributes.items()}
+        self.contrast = contrast and len(attributes) > 1
+
+
+def install_attributes(
+    model: nn.Module,
+    attributes: Mapping[str, Sequence[str]],
+    embeddings: Sequence[mx.array] | None = None,
+    hidden_dims: int = DEFAULT_HIDDEN_DIMS,
+    contrast: bool = True,
+    seed: int | None = None,
+) -> nn.Module:
+    """Give every braced layer an :class:`AttributeMLP` (``cond``) for ``attributes``.
+
+    ``embeddings`` are the per-layer ``e_c`` (zeros when None: an adapter's saved
+    values are loaded over them). ``contrast``: see :func:`effective_strengths`.
+    Replaces any earlier attributes.
+    """
+    layers = braced_layers(model)
+    if not layers:
+        raise SteeringError("Model has no braced layers: call apply_braces first.")
+    if not isinstance(hidden_dims, int) or hidden_dims <= 0:
+        raise SteeringError(f"hidden_dims must be a positive integer, got {hidden_dims!r}")
+    n = len(attributes)
+    if embeddings is None:
+        embeddings = [mx.zeros((n, m.dims)) for _, m in layers]
+    keys = mx.random.split(mx.random.key(seed), len(layers)) if seed is not None else None
+    spec = _AttributeSet(attributes, contrast)
+    for i, (_, braced) in enumerate(layers):
+        if embeddings[i].shape != (n, braced.dims):
+            raise SteeringError(
+                f"attribute embeddings of layer {i} have shape "
+                f"{tuple(embeddings[i].shape)}, expected {(n, braced.dims)}"
+            )
+        cond = AttributeMLP(embeddings[i], hidden_dims, None if keys is None else keys[i])
+        cond.spec = spec
+        cond.train(braced.training)
+        braced.cond = cond
+        braced.set_steering(None)
+    return model
+
+
+def add_attributes(
+    model: nn.Module,
+    tokenizer: Any,
+    attributes: Mapping[str, Sequence[str]] | str | Path,
+    hidden_dims: int = DEFAULT_HIDDEN_DIMS,
+    contrast: bool = True,
+    seed: int | None = None,
+) -> nn.Module:
+    """Compute ``e_c`` from the frozen base model and install the conditional branch.
+
+    ``attributes`` is ``{name: [words]}`` or a YAML/JSON file (or shipped set name).
+    """
+    if isinstance(attributes, (str, Path)):
+        attributes = read_attributes(attributes)
+    attributes = check_attributes(attributes)
+    ids = tokenize_words(tokenizer, attributes)
+    embeddings = attribute_embeddings(model, ids, getattr(tokenizer, "bos_token_id", None))
+    return install_attributes(model, attributes, embeddings, hidden_dims, contrast, seed)
+
+
+def _spec(model: nn.Module) -> _AttributeSet | None:
+    layers = braced_layers(model)
+    cond = layers[0][1].get("cond") if layers else None
+    return None if cond is None else cond.spec
+
+
+def attribute_config(model: nn.Module) -> dict[str, Any]:
+    """Adapter config fields for ``model``'s attributes (empty without attributes)."""
+    spec = _spec(model)
+    if spec is None:
+        return {}
+    cond = braced_layers(model)[0][1].cond
+    return {
+        "attributes": spec.attributes,
+        "attribute_parameters": {
+            "hidden_dims": cond.up.weight.shape[0],
+            "contrast": spec.contrast,
+        },
+    }
+
+
+def attribute_names(model: nn.Module) -> list[str]:
+    """The attributes ``model`` can be steered with, in adapter order ([] if none)."""
+    spec = _spec(model)
+    return [] if spec is None else list(spec.attributes)
+
+
+# ---------------------------------------------------------------------------
+# Steering
+
+
+def effective_strengths(model: nn.Module, strengths: mx.array) -> mx.array:
+    """The strengths the layers use: ``S`` itself, or its contrast (the default).
+
+    With ``contrast`` (an adapter of n >= 2 mutually exclusive attributes, e.g.
+    positive/negative), strength ``s`` on ``c`` also puts ``-s/(n-1)`` on every other
+    attribute, in training (an example of ``c``: ``+1`` on ``c``) as at generation.
+    The ``e_c`` of such attributes are nearly parallel (cosine 0.91-0.96 on
+    stories260K), so one-hot labels teach every ``r_c`` the same text-domain
+    direction; the contrast cancels it, and ``positive = -negative`` exactly.
+    """
+    spec = _spec(model)
+    if spec is None or not spec.contrast:
+        return strengths
+    n = strengths.shape[-1]
+    return strengths * (n / (n - 1)) - strengths.sum(axis=-1, keepdims=True) / (n - 1)
+
+
+def _strength_row(names: list[str], strengths: Mapping[str, float]) -> list[float]:
+    if not isinstance(strengths, Mapping):
+        raise SteeringError(
+            f"steering strengths must be a mapping attribute -> number, got {strengths!r}"
+        )
+    row = [0.0] * len(names)
+    for name, s in strengths.items():
+        if name not in names:
+            raise SteeringError(
+                f"unknown attribute {name!r}; this adapter's attributes: "
+                + ", ".join(names)
+            )
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise SteeringError(
+                f"strength of attribute {name!r} must be a finite number, got {s!r}"
+            )
+        row[names.index(name)] = float(s)
+    return row
+
+
+def strengths_array(
+    model: nn.Module,
+    strengths: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None,
+) -> mx.array | None:
+    """The layers' ``S`` for ``strengths``: (n_attr,), or (B, n_attr) for one per row."""
+    if not strengths:
+        return None
+    names = attribute_names(model)
+    if not names:
+        raise SteeringError(
+            "this adapter was trained without attributes, so it cannot steer; "
+            "train one with --attributes FILE (e.g. --attributes sentiment)"
+        )
+    if isinstance(strengths, Mapping):
+        S = mx.array(_strength_row(names, strengths), dtype=mx.float32)
+    else:
+        S = mx.array([_strength_row(names, s or {}) for s in strengths], dtype=mx.float32)
+    S = effective_strengths(model, S)
+    mx.eval(S)
+    return S
+
+
+def steer(
+    model: nn.Module,
+    strengths: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None,
+) -> None:
+    """Steer every later call of ``model``: ``{attribute: strength}`` (None/{}: stop).
+
+    Strengths are signed: ``s > 0`` toward the attribute, ``s < 0`` away from it.
+    A list of mappings steers each batch row on its own. Raises
+    :class:`SteeringError` for unknown attributes or an adapter without attributes.
+    """
+    S = strengths_array(model, strengths)
+    for _, braced in braced_layers(model):
+        braced.set_steering(S)
+
+
+@contextlib.contextmanager
+def steering(
+    model: nn.Module,
+    strengths: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None,
+) -> Iterator[None]:
+    """``with steering(model, {...}):`` steer inside the block, then restore."""
+    S = strengths_array(model, strengths)
+    layers = [m for _, m in braced_layers(model)]
+    before = [m.steering for m in layers]
+    try:
+        for m in layers:
+            m.set_steering(S)
+        yield
+    finally:
+        for m, s in zip(layers, before):
+            m.set_steering(s)
+
+
+# ---------------------------------------------------------------------------
+# Training with attribute labels
+
+
+def attribute_labels(dataset: Any, key: str = "attribute") -> list[str | None]:
+    """The ``key`` field of every record behind an mlx-lm dataset (None if absent).
+
+    Unwraps ``CacheDataset`` -> ``TextDataset``/``ChatDataset``/... -> records.
+    """
+    records = dataset
+    while not isinstance(records, (list, tuple)) and hasattr(records, "_data"):
+        records = records._data
+    if len(records) != len(dataset) or (len(records) and not isinstance(records[0], Mapping)):
+        raise SteeringError(
+            f"cannot find the records (with their {key!r} labels) behind {type(dataset).__name__}"
+        )
+    return [r.get(key) for r in records]
+
+
+class AttributeDataset:
+    """Adds each example's attribute strengths to a tokenized mlx-lm dataset.
+
+    Items are ``(tokens, offset, strengths)``: ``strengths`` is the one-hot (n_attr,)
+    row of the example's ``"attribute"`` (all zeros when it has none), so training
+    uses ``s = +1`` for labelled text and the unconditioned branch alone otherwise.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        names: Sequence[str],
+        labels: Sequence[str | None] | None = None,
+        key: str = "attribute",
+    ):
+        self._data = dataset
+        self.names = list(names)
+        labels = attribute_labels(dataset, key) if labels is None else list(labels)
+        self._rows = []
+        for i, label in enumerate(labels):
+            if label is not None and label not in self.names:
+                raise SteeringError(
+                    f"example {i + 1}: {key} {label!r} is not a defined attribute "
+                    f"(defined: {', '.join(self.names)})"
+                )
+            self._rows.append([float(label == n) for n in self.names])
+
+    def __getitem__(self, idx: int) -> tuple[list[int], int, list[float]]:
+        item = self._data[idx]
+        tokens, offset = item if isinstance(item, tuple) else (item, 0)
+        return tokens, offset, self._rows[idx]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def iterate_batches(
+    dataset: Any,
+    batch_size: int,
+    max_seq_length: int,
+    loop: bool = False,
+    seed: int | None = None,
+    comm_group: Any = None,
+    start: int = 0,
+) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+    """Batches of an :class:`AttributeDataset`: ``(tokens, lengths, strengths)``.
+
+    Like mlx-lm (and ``mlx_braces.trainer``): examples sorted by length, cut into
+    fixed batches shuffled per epoch (epoch ``e`` by ``(seed, e)``; in order when
+    ``seed`` is None; ``start`` skips batches), padded by mlx-lm's own code. Yields
+    (B, L) int32, (B, 2) (offset, length) and (B, n_attr) float32 strengths.
+    """
+    from mlx_lm.tuner.trainer import iterate_batches as pad_batches
+
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"Dataset must have at least batch_size={batch_size} examples but only "
+            f"has {len(dataset)}."
+        )
+    rank, size = (0, 1) if comm_group is None else (comm_group.rank(), comm_group.size())
+    if batch_size % size != 0:
+        raise ValueError("The batch size must be divisible by the number of workers")
+    idx = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    batch_idx = [
+        idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)
+    ]
+    epoch, pos = divmod(start, len(batch_idx))
+    while True:
+        order = np.arange(len(batch_idx))
+        if seed is not None:
+            order = np.random.default_rng([seed, epoch]).permutation(len(batch_idx))
+        for i in order[pos:]:
+            items = [dataset[j] for j in batch_idx[i]]  # ascending length: mlx-lm's
+            one = [(list(t[:max_seq_length]), o) for t, o, _ in items]  # order too
+            tokens, lengths = next(
+                pad_batches(one, batch_size, max_seq_length, comm_group=comm_group)
+            )
+            rows = [r for *_, r in items][rank::size]
+            yield tokens, lengths, mx.array(rows, dtype=mx.float32)
+        if not loop:
+            break
+        epoch, pos = epoch + 1, 0
+
+
+def loss(
+    model: nn.Module, batch: mx.array, lengths: mx.array, labels: mx.array
+) -> tuple[mx.array, mx.array]:
+    """mlx-lm's ``default_loss`` with each row steered by its labels (B, n_attr).
+
+    A labelled row is one-hot (``s = +1`` on its attribute, then
+    :func:`effective_strengths`); an unlabelled row is zeros.
+    """
+    from mlx_lm.tuner.trainer import default_loss
+
+    S = effective_strengths(model, labels)
+    layers = [m for _, m in braced_layers(model)]
+    for m in layers:
+        m.set_steering(S)
+    try:
+        return default_loss(model, batch, lengths)
+    finally:
+        for m in layers:
+            m.set_steering(None)

@@ -1,0 +1,899 @@
+"""``python -m mlx_braces.train``: fine-tune braces the way ``mlx_lm.lora`` fine-tunes LoRA.
+
+Same flags, YAML config (``-c``; the command line wins), data formats and progress
+lines as mlx-lm, plus ``--rank``/``--gate-init`` for the braces, ``--epochs``, and an
+exact ``--resume``. With no ``--model`` it trains the embedded stories260K model (4-bit
+where its shapes allow) on the embedded SST-2 subset: a one-minute quickstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx_lm.cli_ui import rprint
+
+from .adapters import WEIGHTS_NAME, AdapterError, load_adapter
+from .braces import apply_braces, print_trainable_parameters
+from .trainer import (
+    METRICS_NAME,
+    Callbacks,
+    TrainingArgs,
+    TrainingError,
+    TrainingInterrupted,
+    default_loss,
+    evaluate,
+    iterate_batches,
+    load_weights_file,
+    train,
+)
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_MODEL = ASSETS / "stories260K"
+EMBEDDED_DATA = ASSETS / "sst2"
+
+__all__ = [
+    "CONFIG_DEFAULTS",
+    "EMBEDDED_DATA",
+    "EMBEDDED_MODEL",
+    "DataError",
+    "TrainingArgs",
+    "UsageError",
+    "build_parser",
+    "default_loss",
+    "evaluate",
+    "iterate_batches",
+    "load_datasets",
+    "main",
+    "run",
+    "train",
+]
+
+# mlx-lm's defaults, except: braces on every layer (a brace costs rank·d + 1
+# parameters and <1% of its FFN's compute), a learning rate for R and the gate
+# (see README), no model/data (the embedded ones), and training without --train.
+CONFIG_DEFAULTS = {
+    "model": None,
+    "train": False,
+    "data": None,
+    "optimizer": "adam",
+    "optimizer_config": {
+        "adam": {},
+        "adamw": {},
+        "muon": {},
+        "sgd": {},
+        "adafactor": {},
+    },
+    "seed": 0,
+    "num_layers": -1,
+    "batch_size": 4,
+    "iters": 1000,
+    "epochs": None,
+    "val_batches": 25,
+    "learning_rate": 1e-3,
+    "steps_per_report": 10,
+    "steps_per_eval": 200,
+    "resume": False,
+    "resume_adapter_file": None,
+    "adapter_path": "adapters",
+    "save_every": 100,
+    "test": False,
+    "test_batches": 500,
+    "max_seq_length": 2048,
+    "config": None,
+    "grad_checkpoint": False,
+    "grad_accumulation_steps": 1,
+    "clear_cache_threshold": 0,
+    "lr_schedule": None,
+    "rank": 16,
+    "gate_init": -5.0,
+    "mask_prompt": False,
+    "report_to": None,
+    "project_name": None,
+    "trust_remote_code": False,
+}
+
+# With no --model: a run of the embedded model that ends within a minute on 2 cores,
+# at the learning rate that did best on it (README: "Learning rate").
+EMBEDDED_DEFAULTS = {
+    "iters": 200,
+    "learning_rate": 1e-2,
+    "steps_per_eval": 100,
+    "save_every": 100,
+}
+
+# YAML keys mlx-lm's dataset code reads, and LoRA keys that do not apply to braces.
+DATA_KEYS = {
+    "prompt_feature",
+    "completion_feature",
+    "text_feature",
+    "chat_feature",
+    "hf_dataset",
+}
+IGNORED_KEYS = {"fine_tune_type", "lora_parameters"}
+
+FORMATS = (
+    'text {"text": ...}, completions {"prompt": ..., "completion": ...}, '
+    'chat {"messages": [...]}, tools {"messages": [...], "tools": [...]}'
+)
+
+
+class UsageError(ValueError):
+    """A flag, config file or model the user gave that cannot be used."""
+
+
+class DataError(UsageError):
+    """A dataset that cannot be trained on; the message names the file and line."""
+
+
+# ---------------------------------------------------------------------------
+# Command line and YAML
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """mlx_lm.lora's parser, with the braces options instead of LoRA's."""
+    from mlx_lm.utils import _parse_size
+
+    parser = argparse.ArgumentParser(
+        prog="mlx_braces.train",
+        description="Braces fine-tuning (LLM Braces) of an mlx-lm model.",
+    )
+    parser.add_argument(
+        "--model",
+        type=str,
+        help="The path to the local model directory or Hugging Face repo "
+        "(default: the embedded stories260K, quantized to 4 bits).",
+    )
+    parser.add_argument(
+        "--train", action="store_true", default=None, help="Do training (the default)."
+    )
+    parser.add_argument(
+        "--data",
+        type=str,
+        help="Directory with {train, valid, test}.jsonl files or the name of a "
+        "Hugging Face dataset (default: the embedded SST-2 subset).",
+    )
+    parser.add_argument(
+        "--optimizer",
+        type=str,
+        choices=["adam", "adamw", "muon", "sgd", "adafactor"],
+        default=None,
+        help="Optimizer to use for training: adam, adamw, muon, sgd, or adafactor.",
+    )
+    parser.add_argument(
+        "--mask-prompt",
+        action="store_true",
+        default=None,
+        help="Mask the prompt in the loss when training.",
+    )
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        help="Number of layers to brace, counted from the last. Default is -1: all.",
+    )
+    parser.add_argument("--rank", type=int, help="Rank of each brace's R (default 16).")
+    parser.add_argument(
+        "--gate-init",
+        type=float,
+        help="Initial gate logit: g = sigmoid(gate) (default -5.0, g ≈ 0.0067).",
+    )
+    parser.add_argument("--batch-size", type=int, help="Minibatch size.")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        help="Iterations to train for (default 1000; 200 with the embedded model).",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="Train for this many passes over the training set instead of --iters "
+        "(iters = epochs * (examples // batch size)).",
+    )
+    parser.add_argument(
+        "--val-batches",
+        type=int,
+        help="Number of validation batches, -1 uses the entire validation set.",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="Adam learning rate (default 1e-3; 1e-2 with the embedded model).",
+    )
+    parser.add_argument(
+        "--steps-per-report",
+        type=int,
+        help="Number of training steps between loss reporting.",
+    )
+    parser.add_argument(
+        "--steps-per-eval",
+        type=int,
+        help="Number of training steps between validations.",
+    )
+    parser.add_argument(
+        "--grad-accumulation-steps",
+        type=int,
+        help="Number of steps to accumulate before each optimizer update.",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="Continue exactly from the last checkpoint in --adapter-path.",
+    )
+    parser.add_argument(
+        "--resume-adapter-file",
+        type=str,
+        help="Load path to resume training from the given fine-tuned weights "
+        "(weights only: a fresh optimizer; see --resume).",
+    )
+    parser.add_argument(
+        "--adapter-path", type=str, help="Save/load path for the fine-tuned weights."
+    )
+    parser.add_argument(
+        "--save-every", type=int, help="Save the model every N iterations."
+    )
+    parser.add_argument(
+        "--test",
+        action="store_true",
+        default=None,
+        help="Evaluate on the test set after training (without --train: evaluate "
+        "the adapter in --adapter-path).",
+    )
+    parser.add_argument(
+        "--test-batches",
+        type=int,
+        help="Number of test set batches, -1 uses the entire test set.",
+    )
+    parser.add_argument("--max-seq-length", type=int, help="Maximum sequence length.")
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=str,
+        help="A YAML configuration file with the training options.",
+    )
+    parser.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        default=None,
+        help="Use gradient checkpointing to reduce memory use.",
+    )
+    parser.add_argument(
+        "--clear-cache-threshold",
+        type=_parse_size,
+        help="Clear the allocator cache between steps if it grows too large.",
+    )
+    parser.add_argument(
+        "--report-to",
+        type=str,
+        help="Services to report logs to ('wandb', 'swanlab', or 'wandb,swanlab').",
+    )
+    parser.add_argument(
+        "--project-name",
+        type=str,
+        help="Project name for logging. Defaults to the name of the root directory.",
+    )
+    parser.add_argument("--seed", type=int, help="The PRNG seed.")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="Enable trusting remote code for tokenizer/model loading.",
+    )
+    return parser
+
+
+def _read_yaml(file: str) -> dict[str, Any]:
+    from mlx_lm.lora import yaml_loader  # mlx-lm's loader: reads 1e-5 as a float
+
+    try:
+        with open(file) as f:
+            config = yaml.load(f, yaml_loader)
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{file}: not valid YAML ({e})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise UsageError(
+            f"{file}: expected a mapping of options, got {type(config).__name__}"
+        )
+    return config
+
+
+def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
+    """Merge command line > YAML (``config``) > defaults, as mlx_lm.lora does.
+
+    Also: with no --model the embedded quickstart defaults fill what was not given;
+    ``--epochs`` replaces ``--iters`` unless iters was given at a higher level.
+    """
+    args = dict(cli)
+    given = {k for k, v in cli.items() if v is not None}
+    from_yaml: set[str] = set()
+    if cli.get("config"):
+        file = cli["config"]
+        config = _read_yaml(file)
+        known = set(CONFIG_DEFAULTS) | DATA_KEYS | IGNORED_KEYS
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise UsageError(
+                f"{file}: unknown option(s) {', '.join(unknown)}; known: "
+                + ", ".join(sorted(known - IGNORED_KEYS))
+            )
+        for k, v in config.items():
+            if k in IGNORED_KEYS:
+                if k != "fine_tune_type" or v != "braces":
+                    rprint(f"Note: {file}: '{k}' is a LoRA setting; braces ignore it.")
+                continue
+            if args.get(k) is None:
+                args[k] = v
+                from_yaml.add(k)
+    level = {k: 2 for k in given} | {k: 1 for k in from_yaml}
+    ie, ii = level.get("epochs", 0), level.get("iters", 0)
+    if ie and ie == ii:
+        where = "on the command line" if ie == 2 else f"in {cli['config']}"
+        raise UsageError(f"Give iters or epochs, not both ({where}).")
+    if ie < ii:
+        args["epochs"] = None
+    if args.get("model") is None:
+        for k, v in EMBEDDED_DEFAULTS.items():
+            if args.get(k) is None:
+                args[k] = v
+    for k, v in CONFIG_DEFAULTS.items():
+        if args.get(k) is None:
+            args[k] = v
+    if not args["train"] and not args["test"]:
+        args["train"] = True
+    args = types.SimpleNamespace(**args)
+    _check_args(args)
+    return args
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
+CHECKS = [  # (options, test, what they must be)
+    (
+        ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every"),
+        lambda v: _is_int(v) and v >= 1,
+        "a positive integer",
+    ),
+    (
+        ("grad_accumulation_steps", "rank"),
+        lambda v: _is_int(v) and v >= 1,
+        "a positive integer",
+    ),
+    (("max_seq_length",), lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    (
+        ("val_batches", "test_batches", "num_layers"),
+        lambda v: _is_int(v) and (v == -1 or v >= 1),
+        "-1 (all) or a positive integer",
+    ),
+    (("epochs",), lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer"),
+    (("seed",), lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    (("learning_rate",), lambda v: _is_number(v) and v > 0, "a positive number"),
+    (("gate_init",), _is_number, "a finite number"),
+    (
+        ("optimizer",),
+        lambda v: isinstance(v, str) and v.lower() in OPTIMIZERS,
+        f"one of {', '.join(OPTIMIZERS)}",
+    ),
+    (("optimizer_config",), lambda v: isinstance(v, dict), "a mapping"),
+    (
+        ("lr_schedule",),
+        lambda v: v is None or isinstance(v, dict),
+        "a mapping (name, arguments, warmup)",
+    ),
+]
+
+
+def _check_args(args: types.SimpleNamespace) -> None:
+    """Types and ranges of the options (YAML values reach here unchecked)."""
+    where = f" (in {args.config} or on the command line)" if args.config else ""
+    for keys, ok, what in CHECKS:
+        for k in keys:
+            if not ok(getattr(args, k)):
+                flag = k.replace("_", "-")
+                raise UsageError(
+                    f"{k} (--{flag}) must be {what}, got {getattr(args, k)!r}{where}"
+                )
+    if args.resume and args.resume_adapter_file:
+        raise UsageError(
+            "Give --resume (exact, from --adapter-path) or --resume-adapter-file, not both."
+        )
+
+
+# ---------------------------------------------------------------------------
+# Model
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def load_model(args) -> tuple[nn.Module, Any]:
+    """mlx_lm.load of --model; the embedded model is quantized to 4 bits first."""
+    from mlx_lm import load
+
+    path = args.model or str(EMBEDDED_MODEL)
+    if _looks_local(path) and not Path(path).expanduser().exists():
+        raise UsageError(f"--model {path}: no such folder")
+    try:
+        model, tokenizer, config = load(
+            str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
+            tokenizer_config={"trust_remote_code": args.trust_remote_code},
+            trust_remote_code=args.trust_remote_code,
+            return_config=True,
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {path}: {e}") from None
+    if args.model is None:
+        model = quantize_embedded(model, config)
+    return model, tokenizer
+
+
+def quantize_embedded(
+    model: nn.Module, config: dict, bits: int = 4, group_size: int = 64
+):
+    """Quantize ``model`` as mlx-lm would (layers whose input dims fit the group size).
+
+    Prints which layers are ``bits``-bit and which stay in full precision.
+    """
+    from mlx_lm.utils import quantize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
+        model, _ = quantize_model(model, config, group_size=group_size, bits=bits)
+    quantized, full = {}, {}
+    for name, m in model.named_modules():
+        key = re.sub(r"layers\.\d+\.", "layers.*.", name)
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            quantized[key] = None
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            full[key] = (m.weight.shape[-1], m.weight.dtype)
+    rprint(f"Quantized the embedded model to {bits} bits (group size {group_size}):")
+    rprint(f"  {bits}-bit: {', '.join(quantized)}")
+    for key, (dims, dtype) in full.items():
+        why = (
+            f"input dims {dims} not a multiple of {group_size}"
+            if dims % group_size
+            else "kept by mlx-lm's quantization rules"
+        )
+        rprint(f"  full precision ({str(dtype).split('.')[-1]}): {key} ({why})")
+    return model
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def _read_jsonl(file: Path) -> tuple[list[dict], list[str]]:
+    """Records of a JSONL file and where each came from ("file line N")."""
+    records, where = [], []
+    try:
+        with open(file, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{file} line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{file} line {n}: expected a JSON object, got "
+                        f"{type(record).__name__}"
+                    )
+                records.append(record)
+                where.append(f"{file} line {n}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text ({e})") from None
+    return records, where
+
+
+def _data_format(sample: dict, args) -> str | None:
+    """The mlx-lm format ``create_dataset`` will pick for ``sample`` (same order)."""
+    if _feature(args, "prompt") in sample and _feature(args, "completion") in sample:
+        return "completions"
+    if _feature(args, "chat", "messages") in sample:
+        return "tools" if "tools" in sample else "chat"
+    if _feature(args, "text") in sample:
+        return "text"
+    return None
+
+
+def _feature(args, name: str, default: str | None = None) -> str:
+    return getattr(args, f"{name}_feature", None) or default or name
+
+
+def _check_records(records: list, where: list[str], args) -> str:
+    """Every record has the keys and types of the format its first record sets."""
+    fmt = _data_format(records[0], args)
+    if fmt is None:
+        raise DataError(
+            f"{where[0]}: no mlx-lm data format fits its keys "
+            f"({', '.join(map(repr, records[0])) or 'none'}); expected one of: {FORMATS}"
+        )
+    if fmt == "completions":
+        keys = {_feature(args, "prompt"): str, _feature(args, "completion"): str}
+    elif fmt == "text":
+        keys = {_feature(args, "text"): str}
+    else:
+        keys = {_feature(args, "chat", "messages"): list}
+    for record, w in zip(records, where):
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise DataError(
+                f"{w}: missing key {', '.join(map(repr, missing))} (found "
+                f"{', '.join(map(repr, record)) or 'no keys'}); {where[0]} made this a "
+                f"{fmt} dataset. Formats: {FORMATS}"
+            )
+        for k, t in keys.items():
+            if not isinstance(record[k], t):
+                raise DataError(
+                    f"{w}: '{k}' must be a {'string' if t is str else 'list'}, got "
+                    f"{type(record[k]).__name__}"
+                )
+        if fmt in ("chat", "tools"):
+            for m in record[next(iter(keys))]:
+                if not isinstance(m, dict) or "role" not in m:
+                    raise DataError(
+                        f"{w}: every message must be an object with 'role' and "
+                        f"'content', got {json.dumps(m)[:80]}"
+                    )
+    return fmt
+
+
+def _load_split(records, where, label: str, args, tokenizer, model_name: str):
+    """Check, build (mlx-lm's create_dataset) and tokenize one split."""
+    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
+
+    fmt = _check_records(records, where, args)
+    if fmt != "text" and getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"{label} is a {fmt} dataset, which mlx-lm formats with the tokenizer's "
+            f"chat template, but the tokenizer of {model_name} has none; use a text "
+            'dataset ({"text": ...}) or a model with a chat template'
+        )
+    try:
+        dataset = create_dataset(records, tokenizer, args)
+    except ValueError as e:  # --mask-prompt on a text dataset
+        raise DataError(f"{label}: {e} Use a completions or chat dataset.") from None
+    dataset = CacheDataset(dataset)
+    lengths = []
+    for i, w in enumerate(where):
+        try:
+            tokens, offset = dataset[i]
+        except Exception as e:  # the tokenizer or chat template rejects a record
+            raise DataError(f"{w}: cannot tokenize ({type(e).__name__}: {e})") from None
+        lengths.append((len(tokens), offset))
+    long = [n for n, _ in lengths if n > args.max_seq_length]
+    if long:
+        rprint(
+            f"Warning: {len(long)} of {len(lengths)} examples in {label} are longer "
+            f"than --max-seq-length {args.max_seq_length} tokens (longest {max(long)});"
+            " they will be truncated."
+        )
+    if args.mask_prompt:
+        empty = sum(o >= min(n, args.max_seq_length) - 1 for n, o in lengths)
+        if empty:
+            rprint(
+                f"Warning: {empty} examples in {label} have no completion tokens left "
+                "to train on (prompt at least --max-seq-length long)."
+            )
+    return dataset
+
+
+def load_datasets(args, tokenizer) -> tuple[Any, Any, Any]:
+    """(train, valid, test) from --data: a folder of JSONL files or a Hub dataset.
+
+    Uses mlx-lm's dataset classes; every record is checked and tokenized up front so
+    that bad input fails before training with the file and line it came from.
+    """
+    data = args.data or str(EMBEDDED_DATA)
+    model_name = args.model or "the embedded model"
+    names = ("train", "valid", "test")
+    splits: dict[str, tuple[list, list[str]]] = {}
+    if getattr(args, "hf_dataset", None):  # mlx-lm's YAML-only Hub datasets, as is
+        from mlx_lm.tuner.datasets import CacheDataset, load_custom_hf_dataset
+
+        datasets = load_custom_hf_dataset(args, tokenizer)
+        return tuple(CacheDataset(d) if len(d) else [] for d in datasets)
+    if Path(data).expanduser().is_dir():
+        folder = Path(data).expanduser()
+        for n in names:
+            file = folder / f"{n}.jsonl"
+            splits[n] = _read_jsonl(file) if file.is_file() else ([], [])
+        label = {n: str(Path(data) / f"{n}.jsonl") for n in names}
+    elif _looks_local(data) or Path(data).expanduser().exists():
+        raise DataError(
+            f"--data {data}: not a folder; expected a folder with train.jsonl, "
+            "valid.jsonl (and test.jsonl) or a Hugging Face dataset name"
+        )
+    else:
+        from mlx_lm.tuner.datasets import load_hf_dataset
+
+        rprint(f"Loading Hugging Face dataset {data}.")
+        try:
+            datasets = load_hf_dataset(data, tokenizer, args)
+        except ImportError:
+            raise DataError(
+                f"--data {data}: not a local folder, and reading Hugging Face datasets "
+                "needs the `datasets` package (pip install datasets)"
+            ) from None
+        except ValueError as e:
+            raise DataError(f"--data {data}: {e}") from None
+        splits = {
+            n: _records_of(d, f"{data} {n} split") for n, d in zip(names, datasets)
+        }
+        label = {n: f"{data} {n} split" for n in names}
+
+    train_recs, valid_recs, test_recs = (splits[n] for n in names)
+    if args.train and not train_recs[0]:
+        raise DataError(
+            f"{label['train']}: training set not found or empty; --data needs a "
+            "train.jsonl with at least --batch-size examples"
+        )
+    if args.test and not test_recs[0]:
+        raise DataError(
+            f"{label['test']}: test set not found or empty (needed by --test)"
+        )
+    out = []
+    for n, (records, where) in zip(names, (train_recs, valid_recs, test_recs)):
+        needed = (n == "train" and args.train) or (n == "test" and args.test)
+        needed = needed or (n == "valid" and args.train)
+        if not records or not needed:
+            out.append([])
+            continue
+        ds = _load_split(records, where, label[n], args, tokenizer, model_name)
+        if len(ds) < args.batch_size:
+            raise DataError(
+                f"{label[n]} has {len(ds)} examples, fewer than --batch-size "
+                f"{args.batch_size}"
+            )
+        out.append(ds)
+    if args.train and not out[1]:
+        rprint(
+            f"Warning: {label['valid']}: validation set not found or empty. "
+            "Training will proceed without validation."
+        )
+    return tuple(out)
+
+
+def _records_of(dataset, label: str) -> tuple[list, list[str]]:
+    """Records behind an mlx-lm dataset (from the Hub), for the same checks."""
+    records = list(getattr(dataset, "_data", None) or [])
+    return records, [f"{label} record {i + 1}" for i in range(len(records))]
+
+
+# ---------------------------------------------------------------------------
+# Training and testing
+
+
+def build_optimizer(args) -> optim.Optimizer:
+    """mlx-lm's optimizer choice, settings (``optimizer_config``) and lr schedule."""
+    from mlx_lm.tuner.utils import build_schedule
+
+    lr = args.learning_rate
+    if args.lr_schedule:
+        try:
+            lr = build_schedule(args.lr_schedule)
+        except (KeyError, AttributeError, TypeError, IndexError) as e:
+            raise UsageError(
+                f"lr_schedule {args.lr_schedule}: cannot build it ({type(e).__name__}: "
+                f"{e}); expected e.g. {{name: cosine_decay, arguments: [1e-3, 1000], "
+                "warmup: 100}"
+            ) from None
+    name = args.optimizer.lower()
+    classes = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "muon": optim.Muon,
+        "sgd": optim.SGD,
+        "adafactor": optim.Adafactor,
+    }
+    settings = (args.optimizer_config or {}).get(name) or {}
+    try:
+        return classes[name](learning_rate=lr, **settings)
+    except TypeError as e:
+        raise UsageError(f"optimizer_config.{name}: {e}") from None
+
+
+def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
+    safe = {}
+    for k, v in config.items():
+        with contextlib.suppress(TypeError, ValueError):
+            json.dumps(v)
+            safe[k] = v
+    return safe
+
+
+def train_model(
+    args, model: nn.Module, train_set, valid_set, training_callback=None
+) -> int:
+    """Brace ``model`` as the options say and train it; returns the last iteration."""
+    from mlx_lm.cli_ui import make_console, print_header_panel
+
+    world = mx.distributed.init()
+    mx.random.seed(args.seed)
+    try:
+        apply_braces(model, args.rank, args.num_layers, args.gate_init, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(
+            f"cannot brace {args.model or 'the embedded model'}: {e}"
+        ) from None
+    if args.resume_adapter_file:
+        rprint(f"Loading fine-tuned weights from {args.resume_adapter_file}")
+        load_weights_file(model, args.resume_adapter_file)
+    if world.size() > 1 and args.batch_size % world.size():
+        raise UsageError(
+            f"--batch-size {args.batch_size} must be divisible by the number of "
+            f"processes ({world.size()})"
+        )
+    if args.epochs:
+        per_epoch = len(train_set) // args.batch_size
+        args.iters = args.epochs * per_epoch
+        rprint(
+            f"{args.epochs} epoch(s) of {per_epoch} batches: {args.iters} iterations"
+        )
+
+    if world.rank() == 0:
+        lr = "schedule" if args.lr_schedule else f"{args.learning_rate:.1e}"
+        layers = "all" if args.num_layers == -1 else args.num_layers
+        rows = [
+            ("model", str(args.model or f"{EMBEDDED_MODEL.name} (embedded, 4-bit)")),
+            ("type", f"braces · {layers} layers · rank {args.rank}"),
+            ("dataset", str(args.data or f"{EMBEDDED_DATA.name} (embedded)")),
+            ("optimizer", f"{args.optimizer} · lr {lr}"),
+            ("batch · iters", f"{args.batch_size} · {args.iters:,}"),
+            ("max seq", f"{args.max_seq_length:,}"),
+        ]
+        console = make_console()
+        if console.is_terminal:
+            print_header_panel(console, "mlx_braces.train", rows)
+        else:
+            print("mlx_braces.train: " + "; ".join(f"{k} {v}" for k, v in rows))
+    print_trainable_parameters(model)
+
+    adapter_path = Path(args.adapter_path)
+    settings = {k: v for k, v in vars(args).items() if k not in IGNORED_KEYS}
+    settings["model"] = args.model or str(EMBEDDED_MODEL)
+    if args.model is None:
+        settings["base_quantization"] = {"bits": 4, "group_size": 64}
+    training_args = TrainingArgs(
+        batch_size=args.batch_size,
+        iters=args.iters,
+        val_batches=args.val_batches,
+        steps_per_report=args.steps_per_report,
+        steps_per_eval=args.steps_per_eval,
+        steps_per_save=args.save_every,
+        adapter_file=str(adapter_path / WEIGHTS_NAME),
+        max_seq_length=args.max_seq_length,
+        grad_checkpoint=args.grad_checkpoint,
+        grad_accumulation_steps=args.grad_accumulation_steps,
+        clear_cache_threshold=args.clear_cache_threshold,
+        seed=args.seed,
+        resume=args.resume,
+        adapter_config=_json_safe(settings),
+    )
+    return train(
+        model=model,
+        optimizer=build_optimizer(args),
+        train_dataset=train_set,
+        val_dataset=valid_set or None,
+        args=training_args,
+        training_callback=training_callback,
+    )
+
+
+def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = None):
+    """Test loss and perplexity, printed as mlx-lm does and added to metrics.jsonl."""
+    from tqdm import tqdm
+
+    rank = mx.distributed.init().rank()
+    n_batches = len(test_set) // args.batch_size
+    if args.test_batches != -1:
+        n_batches = min(n_batches, args.test_batches)
+    show = rank == 0 and sys.stderr.isatty()
+    pbar = tqdm(total=n_batches, desc="Calculating loss...") if show else None
+    test_loss = evaluate(
+        model=model,
+        dataset=test_set,
+        batch_size=args.batch_size,
+        num_batches=args.test_batches,
+        max_seq_length=args.max_seq_length,
+        iterate_batches=iterate_batches,
+        progress_callback=pbar.update if pbar else None,
+    )
+    if pbar is not None:
+        pbar.close()
+    test_ppl = math.exp(test_loss)
+    rprint(f"Test loss {test_loss:.3f}, Test ppl {test_ppl:.3f}.")
+    folder = Path(args.adapter_path) if args.adapter_path else None
+    if rank == 0 and folder is not None and folder.is_dir():
+        row = {"type": "test", "test_loss": test_loss, "test_ppl": test_ppl}
+        if iteration is not None:
+            row["iteration"] = iteration
+        with open(folder / METRICS_NAME, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return test_loss
+
+
+def run(args, training_callback=None) -> None:
+    """Load, train and/or test as the resolved options ``args`` say (mlx_lm.lora.run)."""
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    np.random.seed(args.seed)
+    try:
+        reporting = get_reporting_callbacks(
+            args.report_to,
+            project_name=args.project_name,
+            log_dir=args.adapter_path,
+            config=_json_safe(vars(args)),
+        )
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"--report-to {args.report_to}: {e}") from None
+    training_callback = Callbacks(reporting, training_callback)
+
+    rprint("Loading pretrained model")
+    model, tokenizer = load_model(args)
+    rprint("Loading datasets")
+    train_set, valid_set, test_set = load_datasets(args, tokenizer)
+
+    iteration = None
+    if args.train:
+        rprint("Training")
+        iteration = train_model(args, model, train_set, valid_set, training_callback)
+    elif args.adapter_path:
+        load_adapter(model, args.adapter_path)
+    if args.test:
+        rprint("Testing")
+        evaluate_model(args, model, test_set, iteration)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``mlx_braces.train`` command."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    cli = vars(build_parser().parse_args(argv))
+    try:
+        args = resolve_args(cli)
+        if args.config:
+            rprint("Loading configuration file", args.config)
+        run(args)
+    except TrainingInterrupted as e:
+        rprint(
+            f"Interrupted after iteration {e.iteration}: checkpoint saved in "
+            f"{e.adapter_path}; run the same command with --resume to continue."
+        )
+        sys.exit(130)
+    except KeyboardInterrupt:
+        rprint("Interrupted.")
+        sys.exit(130)
+    except (UsageError, AdapterError, TrainingError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,637 @@
+"""The braces training loop: mlx-lm's compiled step with exact resume and safe saves.
+
+``train`` mirrors ``mlx_lm.tuner.trainer.train`` (same arguments, output, callbacks)
+and adds what a long run needs: a retraction of every ``R`` after each update, atomic
+checkpoints that resume bit for bit (weights, optimizer and schedule state, data
+position), a clean stop on a non-finite loss, and a checkpoint on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx_lm.cli_ui import TrainUI, make_train_progress
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.datasets import CacheDataset
+from mlx_lm.tuner.trainer import TrainingArgs as _TrainingArgs
+from mlx_lm.tuner.trainer import _clear_cache, default_loss, evaluate, grad_checkpoint
+from mlx_lm.tuner.trainer import iterate_batches as _pad_batches
+
+from .adapters import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _atomic_write,
+    adapter_parameters,
+    braces_config,
+    save_config,
+    save_weights,
+)
+from .braces import braced_layers, orthonormalize
+
+RESUME_NAME = "resume.safetensors"
+METRICS_NAME = "metrics.jsonl"
+_RESUME_KEY = "mlx_braces_resume"
+
+__all__ = [
+    "METRICS_NAME",
+    "RESUME_NAME",
+    "Callbacks",
+    "MetricsWriter",
+    "TrainingArgs",
+    "TrainingError",
+    "TrainingInterrupted",
+    "default_loss",
+    "evaluate",
+    "iterate_batches",
+    "load_weights_file",
+    "train",
+]
+
+
+class TrainingError(ValueError):
+    """Training cannot go on: a non-finite loss, or a checkpoint that cannot resume."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after ``iteration``; ``adapter_path`` has its checkpoint."""
+
+    def __init__(self, iteration: int, adapter_path: Path):
+        super().__init__(f"interrupted after iteration {iteration}")
+        self.iteration = iteration
+        self.adapter_path = adapter_path
+
+
+@dataclass
+class TrainingArgs(_TrainingArgs):
+    """mlx-lm's training arguments plus the seed of the data order and resume."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of the data order."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the checkpoint next to adapter_file."},
+    )
+    adapter_config: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra fields for adapter_config.json (model, settings)."},
+    )
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+class _OneBatch:
+    """The examples of one batch, truncated, for mlx-lm's padding code."""
+
+    def __init__(self, dataset, indices: list[int], max_seq_length: int):
+        self._items = []
+        for j in indices:
+            item = dataset[j]
+            tokens, offset = item if _has_offset(item) else (item, 0)
+            self._items.append((list(tokens[:max_seq_length]), offset))
+
+    def __getitem__(self, idx: int):
+        return self._items[idx]
+
+    def __len__(self):
+        return len(self._items)
+
+
+def _has_offset(item) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], int)
+
+
+def _length(dataset, idx: int) -> int:
+    item = dataset[idx]
+    return len(item[0] if _has_offset(item) else item)
+
+
+def iterate_batches(
+    dataset,
+    batch_size: int,
+    max_seq_length: int,
+    loop: bool = False,
+    seed: int | None = None,
+    comm_group=None,
+    start: int = 0,
+):
+    """mlx-lm's batches in an order that can be restored exactly.
+
+    Like mlx-lm, examples are sorted by length and cut into fixed batches whose
+    order is shuffled each epoch; here epoch ``e``'s order is a permutation drawn
+    from ``(seed, e)`` (seed None: 0, so that evaluation's first ``val_batches`` are
+    the same random sample every time), and the ``start``-th batch of the stream is
+    reached without replaying it. Yields ``(batch, lengths)``: (B/world, L) int32
+    tokens and (B/world, 2) (offset, length), padded by mlx-lm.
+    """
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"Dataset must have at least batch_size={batch_size}"
+            f" examples but only has {len(dataset)}."
+        )
+    step = comm_group.size() if comm_group is not None else 1
+    if batch_size % step != 0:
+        raise ValueError("The batch size must be divisible by the number of workers")
+    idx = sorted(range(len(dataset)), key=lambda i: _length(dataset, i))
+    batch_idx = [
+        idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)
+    ]
+    epoch, pos = divmod(start, len(batch_idx))
+    while True:
+        rng = np.random.default_rng([seed or 0, epoch])
+        order = rng.permutation(len(batch_idx))
+        for i in order[pos:]:
+            one = _OneBatch(dataset, batch_idx[i], max_seq_length)
+            # mlx-lm pads the batch and takes this worker's rows (rank::world).
+            yield next(
+                _pad_batches(one, batch_size, max_seq_length, False, None, comm_group)
+            )
+        if not loop:
+            break
+        epoch, pos = epoch + 1, 0
+
+
+def _batch_stream(iterate, dataset, args: TrainingArgs, world, start: int):
+    """Training batches from ``start`` on: passed to ``iterate`` if it takes ``start``."""
+    kwargs = dict(
+        dataset=dataset,
+        batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length,
+        loop=True,
+        seed=args.seed,
+        comm_group=world,
+    )
+    if "start" in inspect.signature(iterate).parameters:
+        yield from iterate(**kwargs, start=start)
+        return
+    stream = iterate(**kwargs)
+    for _ in range(start):  # a custom iterator without `start`: replay its order
+        next(stream)
+    yield from stream
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _check_weights(model: nn.Module, weights: dict[str, mx.array], file: Path) -> None:
+    """Raise TrainingError unless ``weights`` are exactly ``model``'s braces tensors."""
+    expected = adapter_parameters(model)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise TrainingError(
+            f"{file}: its braces tensors do not match this run's "
+            f"({len(missing)} missing, e.g. {(missing or ['-'])[0]}; {len(extra)} "
+            f"unexpected, e.g. {(extra or ['-'])[0]}); use the same --num-layers "
+            "and model as the run that wrote it"
+        )
+    for k, w in weights.items():
+        if w.shape != expected[k].shape:
+            raise TrainingError(
+                f"{file}: {k} has shape {tuple(w.shape)}, this run's is "
+                f"{tuple(expected[k].shape)}; use the same --rank and model as the "
+                "run that wrote it"
+            )
+        if not mx.all(mx.isfinite(w)).item():
+            raise TrainingError(f"{file}: {k} contains NaN or inf")
+
+
+def load_weights_file(model: nn.Module, file: str | Path) -> None:
+    """Load braces weights from a safetensors ``file`` into a braced ``model``."""
+    file = Path(file)
+    if not file.is_file():
+        raise TrainingError(f"{file}: not found")
+    try:
+        weights = mx.load(str(file))
+    except (RuntimeError, ValueError) as e:
+        raise TrainingError(f"{file}: cannot read ({e})") from None
+    _check_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def _save_resume(
+    file: Path, model, optimizer, grad_accum, info: dict[str, Any]
+) -> None:
+    """One safetensors file with everything a resume needs: the commit point."""
+    arrays = {f"adapter.{k}": v for k, v in adapter_parameters(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    if grad_accum is not None:
+        arrays.update({f"grad_accum.{k}": v for k, v in tree_flatten(grad_accum)})
+    mx.eval(arrays)
+    meta = {_RESUME_KEY: json.dumps(info), "format": "mlx"}
+    _atomic_write(file, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+
+
+def _load_resume(model, optimizer, file: Path):
+    """Restore weights and optimizer state from ``file``; returns (info, grad_accum)."""
+    if not file.is_file():
+        raise TrainingError(
+            f"{file}: not found, nothing to resume (train once without --resume, "
+            "or point --adapter-path at the folder of the run to continue)"
+        )
+    try:
+        arrays, meta = mx.load(str(file), return_metadata=True)
+        info = json.loads(meta[_RESUME_KEY])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainingError(f"{file}: not a resume checkpoint ({e})") from None
+
+    def part(prefix):
+        n = len(prefix)
+        return {k[n:]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    weights = part("adapter.")
+    _check_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+
+    saved = part("optimizer.")
+    optimizer.init(model.trainable_parameters())
+    have = dict(tree_flatten(optimizer.state))
+    if set(have) != set(saved) or any(have[k].shape != saved[k].shape for k in have):
+        raise TrainingError(
+            f"{file}: its optimizer state does not fit this run's optimizer "
+            f"({type(optimizer).__name__}); resume with the same --optimizer"
+        )
+    optimizer.state = tree_map_with_path(lambda p, _: saved[p], optimizer.state)
+
+    grads = part("grad_accum.")
+    grad_accum = None
+    if grads:
+        grad_accum = tree_map_with_path(
+            lambda p, _: grads[p], model.trainable_parameters()
+        )
+    return info, grad_accum
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+class MetricsWriter(TrainingCallback):
+    """Appends every report to ``metrics.jsonl`` (mlx-lm's keys plus ``type``).
+
+    On resume, entries past the checkpoint's iteration (logged by the interrupted
+    run after its last save) are dropped so the file reads as one run.
+    """
+
+    def __init__(self, file: Path, start: int, resume: bool):
+        self.file = file
+        lines = []
+        if resume and file.is_file():
+            with open(file) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        if json.loads(line).get("iteration", 0) <= start:
+                            lines.append(line)
+        _atomic_write(file, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+    def write(self, kind: str, info: dict[str, Any]) -> None:
+        row = {"type": kind}
+        for k, v in info.items():
+            row[k] = v.item() if isinstance(v, mx.array) else v
+        with open(self.file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_loss_report(self, train_info: dict):
+        self.write("train", train_info)
+
+    def on_val_loss_report(self, val_info: dict):
+        self.write("val", val_info)
+
+
+class Callbacks(TrainingCallback):
+    """Several training callbacks as one (None entries are skipped)."""
+
+    def __init__(self, *callbacks):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_loss_report(self, train_info: dict):
+        for c in self.callbacks:
+            c.on_train_loss_report(train_info)
+
+    def on_val_loss_report(self, val_info: dict):
+        for c in self.callbacks:
+            c.on_val_loss_report(val_info)
+
+
+class _TrainUI(TrainUI):
+    """mlx-lm's progress bar (terminals only) over its classic ``Iter N: ...`` lines."""
+
+    def __init__(self, total_iters: int, rank: int = 0, start: int = 0):
+        super().__init__(total_iters, rank)
+        show = rank == 0 and self._console.is_terminal
+        self._progress = make_train_progress(self._console, disable=not show)
+        self._task = self._progress.add_task("train", total=total_iters)
+        self._progress.update(self._task, completed=start)
+
+    def __enter__(self):
+        self._progress.__enter__()
+        return self
+
+    def print(self, text: str) -> None:
+        if self._rank == 0:
+            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Turn the first Ctrl-C into a flag the loop checks between iterations."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():  # a second Ctrl-C: stop now, the last checkpoint stays
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+def _compiled_step(model, optimizer, loss, grad_accum_steps: int, world_size: int):
+    """mlx-lm's compiled step; also says whether the loss and new weights are finite."""
+    loss_value_and_grad = nn.value_and_grad(model, loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, prev_grad, do_update):
+        (lvalue, toks), grad = loss_value_and_grad(model, *batch)
+        if world_size > 1:
+            # Weight each worker by its share of the batch's tokens: the average
+            # below is then the gradient of the whole batch's mean loss, as on
+            # one process.
+            toks_f = toks.astype(mx.float32)
+            total = mx.distributed.all_sum(toks_f, stream=mx.cpu)
+            grad = tree_map(lambda g: g * (toks_f * world_size / total), grad)
+            lvalue = mx.distributed.all_sum(lvalue * toks_f, stream=mx.cpu) / total
+            toks = total  # report the whole batch, as one process would
+
+        if prev_grad is not None:
+            grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+
+        if do_update:
+            grad = average_gradients(grad)
+            if grad_accum_steps > 1:
+                grad = tree_map(lambda x: x / grad_accum_steps, grad)
+            optimizer.update(model, grad)
+            grad = None
+
+        ok = mx.isfinite(lvalue)
+        for _, p in tree_flatten(model.trainable_parameters()):
+            ok = ok & mx.all(mx.isfinite(p))
+        return lvalue, toks, grad, ok
+
+    return step, state
+
+
+def train(
+    model: nn.Module,
+    optimizer,
+    train_dataset,
+    val_dataset=None,
+    args: TrainingArgs | None = None,
+    loss: callable = default_loss,
+    iterate_batches: callable = iterate_batches,
+    training_callback: TrainingCallback = None,
+) -> int:
+    """Train a braced ``model``; returns the last iteration done.
+
+    Same arguments as ``mlx_lm.tuner.trainer.train``. Checkpoints go to the folder of
+    ``args.adapter_file``: ``adapters.safetensors``, numbered copies, the adapter
+    config, ``resume.safetensors`` and ``metrics.jsonl``; only rank 0 writes.
+    ``iterate_batches``/``loss`` may be replaced (e.g. to add per-example labels:
+    the loop calls ``loss(model, *batch)``). Raises TrainingError on a NaN/inf loss
+    and TrainingInterrupted after saving on Ctrl-C.
+    """
+    args = args or TrainingArgs()
+    world = mx.distributed.init()
+    world_size, rank = world.size(), world.rank()
+    if not braced_layers(model):
+        raise TrainingError("Model has no braced layers: call apply_braces first.")
+    if args.grad_accumulation_steps < 1:
+        raise ValueError("grad_accumulation_steps must be at least 1")
+    if args.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    train_dataset, val_dataset = _cached(train_dataset), _cached(val_dataset)
+
+    folder = Path(args.adapter_file).parent
+    resume_file = folder / RESUME_NAME
+    info: dict[str, Any] = {}
+    grad_accum = None
+    if args.resume:
+        info, grad_accum = _load_resume(model, optimizer, resume_file)
+        _warn_changes(info, args, len(train_dataset), rank)
+    else:
+        optimizer.init(model.trainable_parameters())
+    start = info.get("iteration", 0)
+    last_good = (start, folder / info["weights"]) if args.resume else None
+
+    metrics = None
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {**args.adapter_config, **braces_config(model)}
+        save_config(config, folder / CONFIG_NAME)
+        metrics = MetricsWriter(folder / METRICS_NAME, start, args.resume)
+    callback = Callbacks(metrics, training_callback)
+
+    step, state = _compiled_step(
+        model, optimizer, loss, args.grad_accumulation_steps, world_size
+    )
+    window = info.get("window", {"loss": 0.0, "tokens": 0, "steps": 0})
+    losses = mx.array(window["loss"], dtype=mx.float32)
+    n_tokens = window["tokens"]
+    steps = window["steps"]
+    trained_tokens = info.get("trained_tokens", 0)
+    train_time = 0.0
+
+    def checkpoint(it: int, numbered: bool) -> Path:
+        """Save (rank 0) what resumes at ``it``; returns the weights file."""
+        nonlocal grad_accum
+        if grad_accum is not None and world_size > 1:
+            # Workers hold different partial sums; their mean gives the same update.
+            grad_accum = average_gradients(grad_accum)
+        file = Path(args.adapter_file)
+        if rank == 0:
+            if numbered:
+                file = folder / f"{it:07d}_{WEIGHTS_NAME}"
+                save_weights(model, file)
+            save_weights(model, args.adapter_file)
+            resume = {
+                "iteration": it,
+                "trained_tokens": trained_tokens,
+                "window": {"loss": losses.item(), "tokens": n_tokens, "steps": steps},
+                "seed": args.seed,
+                "batch_size": args.batch_size,
+                "grad_accumulation_steps": args.grad_accumulation_steps,
+                "train_examples": len(train_dataset),
+                "weights": file.name,
+            }
+            _save_resume(resume_file, model, optimizer, grad_accum, resume)
+        return file
+
+    def validate(it: int) -> None:
+        if args.val_batches == -1:
+            val_total = len(val_dataset) // args.batch_size
+        else:
+            val_total = min(len(val_dataset) // args.batch_size, args.val_batches)
+        tic = time.perf_counter()
+        with ui.val_task(val_total) as advance_val:
+            val_loss = evaluate(
+                model=model,
+                dataset=val_dataset,
+                loss=loss,
+                batch_size=args.batch_size,
+                num_batches=args.val_batches,
+                max_seq_length=args.max_seq_length,
+                iterate_batches=iterate_batches,
+                clear_cache_threshold=args.clear_cache_threshold,
+                progress_callback=advance_val,
+            )
+        model.train()
+        val_time = time.perf_counter() - tic
+        ui.print(f"Iter {it}: Val loss {val_loss:.3f}, Val took {val_time:.3f}s")
+        callback.on_val_loss_report(
+            {"iteration": it, "val_loss": val_loss, "val_time": val_time}
+        )
+
+    model.train()
+    ui = _TrainUI(args.iters, rank, start)
+    batches = _batch_stream(iterate_batches, train_dataset, args, world, start)
+    it = start
+    with ui, _deferred_sigint() as interrupted:
+        if val_dataset and start == 0 and args.iters > 0:
+            validate(0)
+        for it, batch in zip(range(start + 1, args.iters + 1), batches):
+            tic = time.perf_counter()
+            lvalue, toks, grad_accum, ok = step(
+                batch, grad_accum, it % args.grad_accumulation_steps == 0
+            )
+            losses += lvalue
+            mx.eval(state, losses, toks, grad_accum, ok)
+            problem = None
+            if not ok.item():
+                value = lvalue.item()
+                problem = f"loss is {value}"
+                if math.isfinite(value):
+                    problem = f"the update made a braces weight non-finite ({problem})"
+            else:
+                orthonormalize(model)  # retract every R onto orthonormal rows
+                try:
+                    mx.eval([m.R for _, m in braced_layers(model)])
+                except RuntimeError:  # eigh of an overflowing R Rᵀ
+                    problem = "the update made a brace's R overflow"
+            if problem:
+                where = (
+                    f"last good checkpoint {last_good[1]} (iteration {last_good[0]}) "
+                    "kept; continue from it with --resume"
+                    if last_good
+                    else "no checkpoint had been saved yet"
+                )
+                raise TrainingError(f"{problem} at iteration {it}; {where}")
+            n_tokens += int(toks.item())
+            steps += 1
+            _clear_cache(args.clear_cache_threshold)
+            train_time += time.perf_counter() - tic
+            ui.advance()
+
+            if it % args.steps_per_report == 0 or it == args.iters:
+                train_loss = losses.item() / steps
+                lr = optimizer.state.get("learning_rate")
+                learning_rate = lr.item() if isinstance(lr, mx.array) else lr
+                it_sec = steps / train_time
+                tokens_sec = n_tokens / train_time
+                trained_tokens += n_tokens
+                peak_mem = mx.get_peak_memory() / 1e9
+                ui.print(
+                    f"Iter {it}: Train loss {train_loss:.3f}, "
+                    f"Learning Rate {learning_rate:.3e}, It/sec {it_sec:.3f}, "
+                    f"Tokens/sec {tokens_sec:.3f}, Trained Tokens {trained_tokens}, "
+                    f"Peak mem {peak_mem:.3f} GB"
+                )
+                callback.on_train_loss_report(
+                    {
+                        "iteration": it,
+                        "train_loss": train_loss,
+                        "learning_rate": learning_rate,
+                        "iterations_per_second": it_sec,
+                        "tokens_per_second": tokens_sec,
+                        "trained_tokens": trained_tokens,
+                        "peak_memory": peak_mem,
+                    }
+                )
+                losses = mx.array(0.0, dtype=mx.float32)
+                n_tokens, steps, train_time = 0, 0, 0.0
+
+            if val_dataset and (it % args.steps_per_eval == 0 or it == args.iters):
+                validate(it)
+
+            stop = interrupted.is_set()
+            if world_size > 1:  # stop together, whichever worker got the signal
+                stop = (
+                    mx.distributed.all_sum(mx.array(int(stop)), stream=mx.cpu).item()
+                    > 0
+                )
+            if it % args.steps_per_save == 0 or stop:
+                file = checkpoint(it, numbered=True)
+                last_good = (it, file)
+                ui.print(
+                    f"Iter {it}: Saved adapter weights to {args.adapter_file} and "
+                    f"{file}."
+                )
+            if stop:
+                raise TrainingInterrupted(it, folder)
+
+    if it == start and args.resume:
+        ui.print(f"The checkpoint is at iteration {start}: nothing left to train.")
+    else:
+        checkpoint(it, numbered=False)
+        ui.print(f"Saved final weights to {args.adapter_file}.")
+    return it
+
+
+def _cached(dataset):
+    """An mlx-lm dataset (raw records + ``process``) that keeps each example's tokens."""
+    if isinstance(dataset, CacheDataset) or not hasattr(dataset, "process"):
+        return dataset
+    return CacheDataset(dataset)
+
+
+def _warn_changes(info: dict, args: TrainingArgs, n_train: int, rank: int) -> None:
+    """Say which settings differ from the checkpoint's (the resume is then not exact)."""
+    now = {
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "grad_accumulation_steps": args.grad_accumulation_steps,
+        "train_examples": n_train,
+    }
+    changed = [f"{k} {v} (was {info[k]})" for k, v in now.items() if info.get(k) != v]
+    if changed and rank == 0:
+        print(
+            "Warning: resuming with "
+            + ", ".join(changed)
+            + ": the data order differs from the interrupted run's"
+        )
