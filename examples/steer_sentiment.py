@@ -55,7 +55,10 @@ def sentiment_score(model, tokenizer, rows: list[dict]) -> float:
     """Mean per-token log p(positive sentences) - log p(negative sentences)."""
 
     def logprob(texts):
-        toks = [[tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)] for t in texts]
+        toks = [
+            [tokenizer.bos_token_id, *tokenizer.encode(t, add_special_tokens=False)]
+            for t in texts
+        ]
         x = np.zeros((len(toks), max(map(len, toks))), np.int32)
         mask = np.zeros((len(toks), x.shape[1] - 1), np.float32)
         for i, t in enumerate(toks):
@@ -91,7 +94,9 @@ def main() -> None:
     print_trainable_parameters(model)
 
     def dataset(split):
-        return AttributeDataset(CacheDataset(TextDataset(read(split, args.max_words), tokenizer)), names)
+        return AttributeDataset(
+            CacheDataset(TextDataset(read(split, args.max_words), tokenizer)), names
+        )
 
     train(
         model,
@@ -124,7 +129,11 @@ def main() -> None:
             score = sentiment_score(model, tokenizer, held_out)
             mx.random.seed(args.seed)
             text = generate(
-                model, tokenizer, args.prompt, max_tokens=args.max_tokens, sampler=sampler
+                model,
+                tokenizer,
+                args.prompt,
+                max_tokens=args.max_tokens,
+                sampler=sampler,
             )
         print(f"positive {s:+d}  score {score:+.3f}  {text.strip()!r}")
 

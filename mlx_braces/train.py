@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import yaml
 from mlx_lm.cli_ui import rprint
 
-from .adapters import WEIGHTS_NAME, AdapterError, load_adapter
+from .adapters import WEIGHTS_NAME, AdapterError, load_adapter, quantize_base
 from .braces import apply_braces, print_trainable_parameters
 from .trainer import (
     METRICS_NAME,
@@ -459,10 +458,7 @@ def quantize_embedded(
 
     Prints which layers are ``bits``-bit and which stay in full precision.
     """
-    from mlx_lm.utils import quantize_model
-
-    with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
-        model, _ = quantize_model(model, config, group_size=group_size, bits=bits)
+    model, _ = quantize_base(model, config, bits=bits, group_size=group_size)
     quantized, full = {}, {}
     for name, m in model.named_modules():
         key = re.sub(r"layers\.\d+\.", "layers.*.", name)

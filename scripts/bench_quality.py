@@ -129,6 +129,22 @@ def apply_method(model: nn.Module, method: str, seed: int) -> None:
         )
 
 
+def answer_loss(model, batch, lengths):
+    """mlx-lm's ``default_loss`` without the padding target after each sequence.
+
+    mlx-lm 0.32's mask (``steps <= length``) also scores the pad id after the last
+    token (ml-explore/mlx-lm PR #1697); with one-word answers that pad target
+    (about 24 nats on stories260K) would dominate the loss.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)
+    steps = mx.arange(1, targets.shape[1] + 1)
+    mask = (steps >= lengths[:, 0:1]) & (steps < lengths[:, 1:])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+
 class Orthonormalize(TrainingCallback):
     """Retract braces' R after every update (mlx-lm reports every step here)."""
 
@@ -266,6 +282,7 @@ def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
                 data["train"],
                 None,
                 targs,
+                loss=answer_loss,
                 training_callback=Record(model),
             )
         mx.eval(model.parameters())
