@@ -85,11 +85,25 @@ class _AddToInput(nn.Module):
 
 
 class _ValueCache:
-    """``A = R W_V`` kept while neither ``R`` nor ``W_V`` change (inference only)."""
+    """Values derived from ``R``, ``W_V`` (...) kept while those arrays are unchanged.
+
+    Inference only; ``key`` holds the very arrays the values came from, so an optimizer
+    step or ``load_weights`` (which replace them) invalidates it.
+    """
 
     def __init__(self):
-        self.key: tuple[mx.array, mx.array] | None = None
+        self.key: tuple | None = None
         self.A: mx.array | None = None
+        self.terms: tuple | None = None
+
+
+def _same(cached: tuple | None, key: tuple) -> bool:
+    """True if ``cached`` holds exactly the objects of ``key`` (identity, not value)."""
+    return (
+        cached is not None
+        and len(cached) == len(key)
+        and all(a is b for a, b in zip(cached, key))
+    )
 
 
 class _Steering:
@@ -134,6 +148,7 @@ class BracedFFN(nn.Module):
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
         self._cache = _ValueCache()
+        self._fast = _ValueCache()
         self._steering = _Steering()
 
     @property
@@ -150,7 +165,7 @@ class BracedFFN(nn.Module):
         down = self.down
         key = (self.R, down.weight)
         cache = self._cache
-        if cache.key is not None and cache.key[0] is key[0] and cache.key[1] is key[1]:
+        if not self.training and _same(cache.key, key):
             return cache.A
         A = value_projection(down, self.R)
         if not self.training:
@@ -192,7 +207,7 @@ class BracedFFN(nn.Module):
         """``S r_c``: (d_ff,) or (B, d_ff) fp32; cached outside training."""
         state = self._steering
         key = (self.R, self.down.weight, state.strengths, *self.cond.arrays())
-        if state.key is not None and all(a is b for a, b in zip(state.key, key)):
+        if not self.training and _same(state.key, key):
             return state.term
         term = state.strengths.astype(mx.float32) @ self.attribute_relevance()
         if not self.training:
@@ -203,15 +218,51 @@ class BracedFFN(nn.Module):
             state.key, state.term = key, term
         return term
 
-    def __call__(self, x: mx.array, *args, **kwargs) -> Any:
-        inject = getattr(self.ffn, self.down_name)
+    def _inference_terms(self, dtype: mx.Dtype) -> tuple | None:
+        """``(Rᵀ, g·A/sqrt(rank), g·S r_c or None)`` in ``dtype``, cached for decoding.
+
+        Folding the gate, scale and casts in once leaves two small matmuls per token.
+        None where values cannot be made concrete (inside ``mx.compile``).
+        """
+        strengths = self._steering.strengths
+        term = None if strengths is None else self.steering_term()
+        key = (self.R, self.down.weight, self.gate, term)
+        fast = self._fast
+        if _same(fast.key, key) and fast.terms[0].dtype == dtype:
+            return fast.terms
+        g = self.g
+        terms = (
+            self.R.T.astype(dtype),  # (d, rank)
+            ((g / math.sqrt(self.rank)) * self.value_projection()).astype(dtype),
+            None if term is None else (g * term).astype(dtype),  # (d_ff,)
+        )
+        try:
+            mx.eval(terms)
+        except ValueError:
+            return None
+        fast.key, fast.terms = key, terms
+        return terms
+
+    def _delta(self, x: mx.array) -> mx.array:
+        """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff)."""
+        strengths = self._steering.strengths
+        if not self.training and (strengths is None or strengths.ndim == 1):
+            terms = self._inference_terms(x.dtype)
+            if terms is not None:
+                Rt, Ag, bias = terms
+                delta = (x @ Rt) @ Ag
+                return delta if bias is None else delta + bias
         r = self.relevance(x)
-        if self._steering.strengths is not None:
+        if strengths is not None:
             term = self.steering_term()  # (d_ff,) or (B, d_ff): constant over tokens
             if term.ndim == 2:
                 term = term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
             r = r + term.astype(x.dtype)
-        inject.delta = self.g.astype(x.dtype) * r
+        return self.g.astype(x.dtype) * r
+
+    def __call__(self, x: mx.array, *args, **kwargs) -> Any:
+        inject = getattr(self.ffn, self.down_name)
+        inject.delta = self._delta(x)
         try:
             return self.ffn(x, *args, **kwargs)
         finally:
