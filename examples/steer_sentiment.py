@@ -3,10 +3,16 @@
 The embedded stories260K model (a 260K-parameter Llama trained on TinyStories) is
 braced, given the shipped ``sentiment`` attributes (positive/negative word lists,
 ``mlx_braces/assets/attributes/sentiment.yaml``) and trained on the embedded SST-2
-subset, whose lines carry ``"attribute": "positive" | "negative"``. The adapter is
-saved; then the same prompt is continued at strengths -4 .. 4 of ``positive``, next
-to a likelihood-ratio score on held-out SST-2 (log p(positive sentences) - log
-p(negative sentences) per token, which positive steering should raise).
+subset, whose lines carry ``"attribute": "positive" | "negative"``, mixed with
+stories the base model writes itself, without a label (those train only the
+unconditioned branch, pulling it back toward stories). The adapter is saved; then
+the same prompt is continued at strengths -4 .. 4 of ``positive``, next to a
+likelihood-ratio score on held-out SST-2: per-token log p(positive sentences) -
+log p(negative sentences), which positive steering should raise.
+
+stories260K is a toy and SST-2 is far from its stories: expect small effects and
+odd text, even at strength 0. ``scripts/eval_steering.py`` measures such a sweep
+with a learned sentiment classifier, against activation addition.
 
 Usage::
 
@@ -25,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx_lm import load
+from mlx_lm import batch_generate, load
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
@@ -49,6 +55,24 @@ SST2 = ASSETS / "sst2"
 def read(split: str, max_words: int) -> list[dict]:
     rows = [json.loads(line) for line in open(SST2 / f"{split}.jsonl")]
     return [r for r in rows if len(r["text"].split()) <= max_words]
+
+
+def balanced(rows: list[dict], n: int = 100) -> list[dict]:
+    pos = [r for r in rows if r["attribute"] == "positive"][:n]
+    return pos + [r for r in rows if r["attribute"] == "negative"][:n]
+
+
+def own_stories(model, tokenizer, n: int, max_tokens: int) -> list[dict]:
+    """``n`` stories sampled from the base model (unlabelled text in its own domain)."""
+    out = batch_generate(
+        model,
+        tokenizer,
+        [[tokenizer.bos_token_id]] * n,
+        max_tokens=max_tokens,
+        sampler=make_sampler(temp=1.0),
+        completion_batch_size=64,
+    )
+    return [{"text": t.strip()} for t in out.texts if t.strip()]
 
 
 def sentiment_score(model, tokenizer, rows: list[dict]) -> float:
@@ -80,6 +104,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=1e-2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-words", type=int, default=20, help="Shortest SST-2 only.")
+    p.add_argument("--stories", type=int, default=200, help="Unlabelled own stories.")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--max-tokens", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
@@ -87,21 +112,22 @@ def main() -> None:
 
     mx.random.seed(args.seed)
     model, tokenizer = load(str(MODEL))
+    stories = own_stories(model, tokenizer, args.stories, 128)
+    print(f"Sampled {len(stories)} unlabelled stories from the base model")
     apply_braces(model, rank=args.rank, seed=args.seed)
     add_attributes(model, tokenizer, "sentiment", seed=args.seed)
     names = attribute_names(model)
     print(f"Attributes: {', '.join(names)}")
     print_trainable_parameters(model)
 
-    def dataset(split):
-        return AttributeDataset(
-            CacheDataset(TextDataset(read(split, args.max_words), tokenizer)), names
-        )
+    def dataset(split, extra=()):
+        rows = read(split, args.max_words) + list(extra)
+        return AttributeDataset(CacheDataset(TextDataset(rows, tokenizer)), names)
 
     train(
         model,
         optim.Adam(learning_rate=args.learning_rate),
-        dataset("train"),
+        dataset("train", stories),
         dataset("valid"),
         TrainingArgs(
             batch_size=args.batch_size,
@@ -121,9 +147,12 @@ def main() -> None:
     model.eval()
     print(f"Saved the adapter to {args.adapter_path}\n")
 
-    held_out = read("test", args.max_words)[:200]
+    held_out = balanced(read("test", 40))
     sampler = make_sampler(temp=0.7)
-    print(f"Prompt: {args.prompt!r}; score = log p(pos) - log p(neg) on held-out SST-2")
+    print(
+        f"score = per-token log p(positive) - log p(negative) of 100 + 100 held-out "
+        f"SST-2 (dev) sentences; prompt {args.prompt!r}"
+    )
     for s in (-4, -2, -1, 0, 1, 2, 4):
         with steering(model, {"positive": s}):
             score = sentiment_score(model, tokenizer, held_out)
@@ -135,7 +164,7 @@ def main() -> None:
                 max_tokens=args.max_tokens,
                 sampler=sampler,
             )
-        print(f"positive {s:+d}  score {score:+.3f}  {text.strip()!r}")
+        print(f"positive {s:+d}  score {score:+.4f}  {text.strip()!r}")
 
 
 if __name__ == "__main__":

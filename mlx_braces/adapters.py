@@ -157,13 +157,14 @@ def check_braces_config(config: dict[str, Any], file: str | Path) -> None:
     layers = params.get("layers")
     if not isinstance(layers, list) or not layers:
         raise AdapterError(f"{file}: braces_parameters.layers must be a non-empty list")
-    if "attributes" in config:
+    if config.get("attributes") is not None:
         try:
             check_attributes(config["attributes"], f"{file}: field 'attributes'")
         except SteeringError as e:
             raise AdapterError(str(e)) from None
-        hidden = config.get("attribute_parameters", {}).get("hidden_dims")
-        if not isinstance(hidden, int) or hidden <= 0:
+        attr = config.get("attribute_parameters")
+        hidden = attr.get("hidden_dims") if isinstance(attr, dict) else None
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
             raise AdapterError(
                 f"{file}: attribute_parameters.hidden_dims must be a positive "
                 f"integer, got {hidden!r}"
@@ -211,7 +212,7 @@ def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
             f"{file}: adapter was trained on a base model whose {want[i]} has FFN "
             f"width {recorded[i]}, this one has {actual[i]} (wrong base model?)"
         )
-    if "attributes" in config:  # conditional branches, filled by the weights
+    if config.get("attributes") is not None:  # conditional branches, filled by weights
         attr = config["attribute_parameters"]
         install_attributes(
             model,
@@ -244,7 +245,8 @@ def load_adapter(
     expected = adapter_parameters(model)
     missing = sorted(set(expected) - set(loaded))
     extra = sorted(set(loaded) - set(expected))
-    if missing and not any(".cond." in k for k in loaded) and "attributes" in config:
+    attributes = config.get("attributes")
+    if missing and not any(".cond." in k for k in loaded) and attributes is not None:
         raise AdapterError(
             f"{file}: {config_file} lists attributes "
             f"{', '.join(config['attributes'])} but the weights have no attribute "
@@ -255,7 +257,7 @@ def load_adapter(
             f"{file}: missing {len(missing)} tensor(s) the base model needs, "
             f"e.g. {missing[0]}"
         )
-    if extra and "attributes" not in config and any(".cond." in k for k in extra):
+    if extra and attributes is None and any(".cond." in k for k in extra):
         raise AdapterError(
             f"{file}: has attribute tensors (e.g. {extra[0]}) but {config_file} "
             "lists no 'attributes'"

@@ -256,6 +256,11 @@ class BracedFFN(nn.Module):
         if strengths is not None:
             term = self.steering_term()  # (d_ff,) or (B, d_ff): constant over tokens
             if term.ndim == 2:
+                if term.shape[0] != x.shape[0]:
+                    raise ValueError(
+                        f"steering has {term.shape[0]} rows of strengths but the "
+                        f"batch has {x.shape[0]} rows"
+                    )
                 term = term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
             r = r + term.astype(x.dtype)
         return self.g.astype(x.dtype) * r

@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from ._version import __version__
 
-# The Alpaca template LLM-Adapters and DoRA fine-tune with (their finetune.py).
+# The Stanford Alpaca template. LLM-Adapters' and DoRA's scripts use the same words
+# but indent every line after the first by 16 spaces (and beam-search 4 at evaluation);
+# here the template is the clean one and generation is greedy.
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that "
     "appropriately completes the request.\n\n"
@@ -69,13 +71,13 @@ class EvalError(ValueError):
 
 @dataclass
 class Task:
-    """One LLM-Adapters data file: its items and the task's answer vocabulary."""
+    """One LLM-Adapters data file: its items, answer options and answer vocabulary."""
 
     name: str
     path: Path
     items: list[dict[str, Any]]
     vocabulary: tuple[str, ...]
-    options: list[list[str]] = field(default_factory=list)  # per item
+    options: list[list[str]]  # per item: its "Answer format:" options
 
 
 # ---------------------------------------------------------------------------
@@ -554,7 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", help="An LLM-Adapters dataset/ folder")
     p.add_argument("--data", help="One LLM-Adapters JSON file (its task: --tasks NAME)")
-    p.add_argument("--mode", choices=["mc", "gen"], default="mc")
+    p.add_argument(
+        "--mode",
+        choices=["mc", "gen"],
+        default="mc",
+        help="mc: the most likely answer option wins; gen: greedy generation, then "
+        "the first answer word in it (LLM-Adapters' protocol)",
+    )
     p.add_argument(
         "--mc-target",
         choices=["label", "text"],

@@ -10,8 +10,11 @@ An attribute ``c`` is a name and a list of words. Per braced layer ℓ:
 
 Training sets ``s_c = +1`` for examples labelled with ``c`` (``"attribute": c``) and
 0 for unlabelled ones; at generation ``steer(model, {c: s})`` picks any signed
-strength. ``r_c`` does not depend on the token, so ``Σ_c s_c r_c`` is computed once
-per (adapter, strengths) and cached.
+strength. By default (``contrast``) the n >= 2 attributes of an adapter are
+exclusive classes: ``s`` on ``c`` also puts ``-s/(n-1)`` on the others, in training
+and at generation alike (see :func:`effective_strengths` for why). ``r_c`` does not
+depend on the token, so ``Σ_c s_c r_c`` is computed once per (adapter, strengths)
+and cached.
 """
 
 from __future__ import annotations
@@ -202,8 +205,8 @@ class AttributeMLP(nn.Module):
         key: mx.array | None = None,
     ):
         super().__init__()
-        n_attr, d = embeddings.shape
-        self.e = embeddings.astype(mx.float32)
+        d = embeddings.shape[1]
+        self.e = embeddings.astype(mx.float32)  # (n_attr, d)
         self.up = nn.Linear(d, hidden_dims)
         self.out = nn.Linear(hidden_dims, d)
         bound = 1.0 / math.sqrt(d)
@@ -247,11 +250,15 @@ def install_attributes(
     if not layers:
         raise SteeringError("Model has no braced layers: call apply_braces first.")
     if not isinstance(hidden_dims, int) or hidden_dims <= 0:
-        raise SteeringError(f"hidden_dims must be a positive integer, got {hidden_dims!r}")
+        raise SteeringError(
+            f"hidden_dims must be a positive integer, got {hidden_dims!r}"
+        )
     n = len(attributes)
     if embeddings is None:
         embeddings = [mx.zeros((n, m.dims)) for _, m in layers]
-    keys = mx.random.split(mx.random.key(seed), len(layers)) if seed is not None else None
+    keys = (
+        mx.random.split(mx.random.key(seed), len(layers)) if seed is not None else None
+    )
     spec = _AttributeSet(attributes, contrast)
     for i, (_, braced) in enumerate(layers):
         if embeddings[i].shape != (n, braced.dims):
@@ -259,7 +266,9 @@ def install_attributes(
                 f"attribute embeddings of layer {i} have shape "
                 f"{tuple(embeddings[i].shape)}, expected {(n, braced.dims)}"
             )
-        cond = AttributeMLP(embeddings[i], hidden_dims, None if keys is None else keys[i])
+        cond = AttributeMLP(
+            embeddings[i], hidden_dims, None if keys is None else keys[i]
+        )
         cond.spec = spec
         cond.train(braced.training)
         braced.cond = cond
@@ -283,8 +292,12 @@ def add_attributes(
         attributes = read_attributes(attributes)
     attributes = check_attributes(attributes)
     ids = tokenize_words(tokenizer, attributes)
-    embeddings = attribute_embeddings(model, ids, getattr(tokenizer, "bos_token_id", None))
-    return install_attributes(model, attributes, embeddings, hidden_dims, contrast, seed)
+    embeddings = attribute_embeddings(
+        model, ids, getattr(tokenizer, "bos_token_id", None)
+    )
+    return install_attributes(
+        model, attributes, embeddings, hidden_dims, contrast, seed
+    )
 
 
 def _spec(model: nn.Module) -> _AttributeSet | None:
@@ -347,7 +360,11 @@ def _strength_row(names: list[str], strengths: Mapping[str, float]) -> list[floa
                 f"unknown attribute {name!r}; this adapter's attributes: "
                 + ", ".join(names)
             )
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        if (
+            isinstance(s, bool)
+            or not isinstance(s, (int, float))
+            or not math.isfinite(s)
+        ):
             raise SteeringError(
                 f"strength of attribute {name!r} must be a finite number, got {s!r}"
             )
@@ -371,7 +388,9 @@ def strengths_array(
     if isinstance(strengths, Mapping):
         S = mx.array(_strength_row(names, strengths), dtype=mx.float32)
     else:
-        S = mx.array([_strength_row(names, s or {}) for s in strengths], dtype=mx.float32)
+        S = mx.array(
+            [_strength_row(names, s or {}) for s in strengths], dtype=mx.float32
+        )
     S = effective_strengths(model, S)
     mx.eval(S)
     return S
@@ -422,7 +441,9 @@ def attribute_labels(dataset: Any, key: str = "attribute") -> list[str | None]:
     records = dataset
     while not isinstance(records, (list, tuple)) and hasattr(records, "_data"):
         records = records._data
-    if len(records) != len(dataset) or (len(records) and not isinstance(records[0], Mapping)):
+    if len(records) != len(dataset) or (
+        len(records) and not isinstance(records[0], Mapping)
+    ):
         raise SteeringError(
             f"cannot find the records (with their {key!r} labels) behind {type(dataset).__name__}"
         )
@@ -443,6 +464,7 @@ class AttributeDataset:
         names: Sequence[str],
         labels: Sequence[str | None] | None = None,
         key: str = "attribute",
+        source: str = "example",
     ):
         self._data = dataset
         self.names = list(names)
@@ -451,10 +473,11 @@ class AttributeDataset:
         for i, label in enumerate(labels):
             if label is not None and label not in self.names:
                 raise SteeringError(
-                    f"example {i + 1}: {key} {label!r} is not a defined attribute "
+                    f"{source} {i + 1}: {key} {label!r} is not a defined attribute "
                     f"(defined: {', '.join(self.names)})"
                 )
             self._rows.append([float(label == n) for n in self.names])
+        self.labelled = sum(label is not None for label in labels)
 
     def __getitem__(self, idx: int) -> tuple[list[int], int, list[float]]:
         item = self._data[idx]
@@ -488,7 +511,9 @@ def iterate_batches(
             f"Dataset must have at least batch_size={batch_size} examples but only "
             f"has {len(dataset)}."
         )
-    rank, size = (0, 1) if comm_group is None else (comm_group.rank(), comm_group.size())
+    rank, size = (
+        (0, 1) if comm_group is None else (comm_group.rank(), comm_group.size())
+    )
     if batch_size % size != 0:
         raise ValueError("The batch size must be divisible by the number of workers")
     idx = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
@@ -532,3 +557,30 @@ def loss(
     finally:
         for m in layers:
             m.set_steering(None)
+
+
+def prepare_training(
+    model: nn.Module,
+    tokenizer: Any,
+    attributes: Mapping[str, Sequence[str]] | str | Path,
+    train_set: Any,
+    valid_set: Any = None,
+    hidden_dims: int = DEFAULT_HIDDEN_DIMS,
+    seed: int | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Add ``attributes`` to a braced ``model`` and label its training data.
+
+    Returns ``(train_set, valid_set, kwargs)`` where ``kwargs`` (``loss``,
+    ``iterate_batches``) go to ``mlx_braces.trainer.train``.
+    """
+    add_attributes(model, tokenizer, attributes, hidden_dims, seed=seed)
+    names = attribute_names(model)
+    train_set = AttributeDataset(train_set, names, source="training example")
+    if not train_set.labelled:
+        raise SteeringError(
+            "no training example has an 'attribute' field; label the lines of "
+            f"train.jsonl with one of: {', '.join(names)}"
+        )
+    if valid_set:
+        valid_set = AttributeDataset(valid_set, names, source="validation example")
+    return train_set, valid_set, {"loss": loss, "iterate_batches": iterate_batches}

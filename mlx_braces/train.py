@@ -100,6 +100,7 @@ CONFIG_DEFAULTS = {
     "lr_schedule": None,
     "rank": 16,
     "gate_init": -5.0,
+    "attributes": None,
     "mask_prompt": False,
     "report_to": None,
     "project_name": None,
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gate-init",
         type=float,
         help="Initial gate logit: g = sigmoid(gate) (default -5.0, g ≈ 0.0067).",
+    )
+    parser.add_argument(
+        "--attributes",
+        help="Train steering attributes: a YAML/JSON file {name: [words]} or a "
+        'shipped set (sentiment); data lines carry "attribute": name.',
     )
     parser.add_argument("--batch-size", type=int, help="Minibatch size.")
     parser.add_argument(
@@ -726,7 +732,7 @@ def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_model(
-    args, model: nn.Module, train_set, valid_set, training_callback=None
+    args, model: nn.Module, train_set, valid_set, training_callback=None, tokenizer=None
 ) -> int:
     """Brace ``model`` as the options say and train it; returns the last iteration."""
     from mlx_lm.cli_ui import make_console, print_header_panel
@@ -739,6 +745,16 @@ def train_model(
         raise UsageError(
             f"cannot brace {args.model or 'the embedded model'}: {e}"
         ) from None
+    steering = {}  # --attributes: the conditional branch, labelled data, its loss
+    if args.attributes:
+        from .steering import SteeringError, prepare_training
+
+        try:
+            train_set, valid_set, steering = prepare_training(
+                model, tokenizer, args.attributes, train_set, valid_set, seed=args.seed
+            )
+        except SteeringError as e:
+            raise UsageError(f"--attributes: {e}") from None
     if args.resume_adapter_file:
         rprint(f"Loading fine-tuned weights from {args.resume_adapter_file}")
         load_weights_file(model, args.resume_adapter_file)
@@ -800,6 +816,7 @@ def train_model(
         val_dataset=valid_set or None,
         args=training_args,
         training_callback=training_callback,
+        **steering,
     )
 
 
@@ -860,7 +877,9 @@ def run(args, training_callback=None) -> None:
     iteration = None
     if args.train:
         rprint("Training")
-        iteration = train_model(args, model, train_set, valid_set, training_callback)
+        iteration = train_model(
+            args, model, train_set, valid_set, training_callback, tokenizer
+        )
     elif args.adapter_path:
         load_adapter(model, args.adapter_path)
     if args.test:

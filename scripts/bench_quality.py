@@ -3,25 +3,32 @@
 Every method fine-tunes the real stories260K checkpoint with the same loop
 (``mlx_lm.tuner.trainer.train``, plus the braces retraction after each update: a no-op
 for the others), the same data, data order, seeds, iterations, batch size, optimizer
-(Adam) and learning-rate grid. Per method the rate is picked by validation accuracy
-(seed 0), then every seed is trained at that rate and scored on the test split by the
-log-likelihood of the answer options (``mlx_braces.evaluate.multiple_choice``).
+(Adam) and learning-rate grid, and the loss scores the answer tokens only. Per
+method the rate is picked on the validation split with the first seed, by the mean
+log-likelihood of the right answers (the validation loss: accuracy near chance cannot
+rank rates; a run whose loss went non-finite is never picked). Every seed is then
+trained at that rate and scored on the test split by the log-likelihood of the
+answer options (``mlx_braces.evaluate.multiple_choice``).
+"Matched budget" compares all methods at the braces' rank; "matched parameters"
+compares braces-r8 with lora-qv-r2 (about the same count) and ia3.
 
 Tasks:
   sst2   train on the embedded SST-2 train subset ("Review: <text>\\nSentiment:" ->
          " positive"/" negative"), pick on its 200 held-out train sentences, test on
          the full SST-2 dev split (872).
   boolq  LLM-Adapters BoolQ (Alpaca prompt -> "the correct answer is true|false"),
-         read from --assets: a train subset, 200 more train items to pick on, and
-         the first --boolq-test items of its test split.
+         read from --assets: a shuffled train subset (--train-size, 1000), the
+         next train items to pick on (--valid-size, 200), the first --boolq-test
+         test items.
 
 Methods (``--methods``): braces-rN (rank N on every FFN), lora-qv-rN / dora-qv-rN
 (mlx-lm LoRA/DoRA of rank N on q_proj and v_proj, the paper's peer), lora-all-rN
 (mlx-lm's default keys: every linear layer), ia3 (a learned per-channel scale of the
 down projection's input, initialised to 1).
 
-    python scripts/bench_quality.py                  # sst2, ~10 min on 2 CPU cores
-    python scripts/bench_quality.py --tasks boolq    # much slower (long prompts)
+    python scripts/bench_quality.py                  # sst2
+    python scripts/bench_quality.py --tasks boolq    # slower: ~200-token prompts
+    python scripts/bench_quality.py --methods braces-r8 lora-qv-r8 --seeds 0 --lrs 1e-2
 
 Prints one table and writes JSON (--output). Times are noisy on a shared machine;
 compare methods within one run.
@@ -78,8 +85,6 @@ DEFAULT_METHODS = [
     "lora-all-r8",
     "dora-qv-r8",
     "lora-qv-r2",
-    "dora-qv-r2",
-    "braces-r2",
     "ia3",
 ]
 _METHOD = re.compile(r"^(braces|lora-qv|dora-qv|lora-all)-r(\d+)$|^ia3$")
@@ -145,22 +150,25 @@ def answer_loss(model, batch, lengths):
     return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
-class Orthonormalize(TrainingCallback):
-    """Retract braces' R after every update (mlx-lm reports every step here)."""
+class AfterStep(TrainingCallback):
+    """Retracts braces' R after every update (mlx-lm reports every step here)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.losses = []
 
     def on_train_loss_report(self, train_info: dict):
-        orthonormalize(self.model)
+        orthonormalize(self.model)  # a no-op without braces
+        self.losses.append(train_info["train_loss"])
 
 
 # ---------------------------------------------------------------------------
 # Data: training pairs and multiple-choice splits
 
 
-def _mc(contexts, choices, golds) -> dict:
-    return {"contexts": contexts, "choices": choices, "golds": golds}
+def _mc(contexts: list[str], golds: list[int], options: list[str]) -> dict:
+    """A multiple-choice split: every context has the same answer options."""
+    return {"contexts": contexts, "choices": [options] * len(contexts), "golds": golds}
 
 
 def _pairs(tokenizer, contexts, targets) -> list[tuple[list[int], int]]:
@@ -188,15 +196,15 @@ def sst2(tokenizer, args) -> dict:
         ]
 
     ctx, y = split("train", args.train_size)
-    data = {"train": _pairs(tokenizer, ctx, [labels[i] for i in y])}
-    for name, key in (("valid", "valid"), ("test", "test")):
-        ctx, y = split(name)
-        data[key] = _mc(ctx, [labels] * len(ctx), y)
-    return data
+    return {
+        "train": _pairs(tokenizer, ctx, [labels[i] for i in y]),
+        "valid": _mc(*split("valid", args.valid_size), labels),
+        "test": _mc(*split("test"), labels),
+    }
 
 
 def boolq(tokenizer, args) -> dict:
-    """LLM-Adapters BoolQ: a shuffled train subset, 200 more to pick on, a test prefix."""
+    """LLM-Adapters BoolQ: a shuffled train subset, the next items to pick on, a test prefix."""
     folder = Path(args.assets) / BOOLQ
     for f in ("train.json", "test.json"):
         if not (folder / f).is_file():
@@ -212,8 +220,8 @@ def boolq(tokenizer, args) -> dict:
     def mc(items):
         return _mc(
             [make_prompt(it) + response_prefix(it) for it in items],
-            [options] * len(items),
             [options.index(it["answer"]) for it in items],
+            options,
         )
 
     return {
@@ -222,7 +230,7 @@ def boolq(tokenizer, args) -> dict:
             [make_prompt(it) for it in train[:n]],
             [it["output"] for it in train[:n]],
         ),
-        "valid": mc(train[n : n + 200]),
+        "valid": mc(train[n : n + (args.valid_size or 200)]),
         "test": mc(test[: args.boolq_test]),
     }
 
@@ -250,8 +258,8 @@ def accuracy(model, tokenizer, split: dict, batch_size: int) -> tuple[float, flo
 
 
 def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
-    """Fine-tune a fresh model with ``method``; returns (model, tokenizer, stats)."""
-    model, tokenizer = load(str(args.model))
+    """Fine-tune a fresh model with ``method``; returns (model, stats)."""
+    model, _ = load(str(args.model))
     apply_method(model, method, seed)
     params = trainable_parameter_count(model)
     np.random.seed(seed)  # mlx-lm's batch order
@@ -266,13 +274,7 @@ def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
     )
     with tempfile.TemporaryDirectory() as tmp:
         targs.adapter_file = os.path.join(tmp, "adapters.safetensors")
-        losses = []
-
-        class Record(Orthonormalize):
-            def on_train_loss_report(self, info):
-                super().on_train_loss_report(info)
-                losses.append(info["train_loss"])
-
+        callback = AfterStep(model)
         mx.reset_peak_memory()
         tic = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -283,7 +285,7 @@ def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
                 None,
                 targs,
                 loss=answer_loss,
-                training_callback=Record(model),
+                training_callback=callback,
             )
         mx.eval(model.parameters())
         seconds = time.perf_counter() - tic
@@ -291,17 +293,16 @@ def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
         "trainable_parameters": params,
         "train_seconds": seconds,
         "peak_memory_mb": mx.get_peak_memory() / 2**20,
-        "final_train_loss": float(np.mean(losses[-10:])),
+        "final_train_loss": float(np.mean(callback.losses[-10:])),
         "orthonormality_error": orthonormality_error(model),
     }
-    return model, tokenizer, stats
+    return model, stats
 
 
 def run_task(task: str, args) -> dict:
     """Learning-rate pick, then every seed, for every method, on one task."""
-    _, tokenizer = load(str(args.model))
+    base, tokenizer = load(str(args.model))
     data = TASKS[task](tokenizer, args)
-    base, _ = load(str(args.model))
     golds = np.array(data["test"]["golds"])
     out = {
         "n_train": len(data["train"]),
@@ -313,37 +314,45 @@ def run_task(task: str, args) -> dict:
     }
     print(
         f"[{task}] train {out['n_train']}, valid {out['n_valid']}, test {out['n_test']}; "
-        f"untrained {out['base_acc']:.4f}, majority {out['majority_acc']:.4f}"
+        f"untrained {out['base_acc']:.4f}, majority {out['majority_acc']:.4f}",
+        flush=True,
     )
     for method in args.methods:
         grid = {}
         for lr in args.lrs:
-            model, tok, stats = train_run(method, data, lr, args.seeds[0], args)
-            acc, gold_ll = accuracy(model, tok, data["valid"], args.eval_batch_size)
+            model, stats = train_run(method, data, lr, args.seeds[0], args)
+            acc, gold_ll = accuracy(
+                model, tokenizer, data["valid"], args.eval_batch_size
+            )
             if not math.isfinite(stats["final_train_loss"]):
-                acc, gold_ll = -1.0, -math.inf  # diverged: never picked
-            grid[lr] = ((acc, gold_ll), model, stats)
-            print(f"  {method:<12} lr {lr:<7g} valid {acc:.4f} (gold ll {gold_ll:.3f})")
-        # Best validation accuracy; ties go to the likelier right answers.
-        lr = max(args.lrs, key=lambda r: grid[r][0])
+                gold_ll = -math.inf  # diverged: never picked
+            grid[lr] = ((gold_ll, acc), model, stats)
+            print(
+                f"  {method:<12} lr {lr:<7g} valid {acc:.4f} (gold ll {gold_ll:.3f})",
+                flush=True,
+            )
+        lr = max(args.lrs, key=lambda r: grid[r][0])  # lowest validation loss
         runs = []
         for seed in args.seeds:
             if seed == args.seeds[0]:
                 _, model, stats = grid[lr]
             else:
-                model, _, stats = train_run(method, data, lr, seed, args)
+                model, stats = train_run(method, data, lr, seed, args)
             acc, _ = accuracy(model, tokenizer, data["test"], args.eval_batch_size)
             runs.append({"seed": seed, "test_acc": acc, **stats})
             print(
                 f"  {method:<12} lr {lr:<7g} seed {seed} test {acc:.4f} "
-                f"({stats['train_seconds']:.1f}s)"
+                f"({stats['train_seconds']:.1f}s)",
+                flush=True,
             )
-        valid_by_lr = {str(r): grid[r][0][0] for r in args.lrs}
+        valid = {
+            str(r): {"gold_ll": grid[r][0][0], "acc": grid[r][0][1]} for r in args.lrs
+        }
         grid.clear()
         accs = [r["test_acc"] for r in runs]
         out["methods"][method] = {
             "lr": lr,
-            "valid_acc_by_lr": valid_by_lr,
+            "valid_by_lr": valid,
             "test_acc_mean": float(np.mean(accs)),
             "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
             "trainable_parameters": runs[0]["trainable_parameters"],
@@ -367,8 +376,8 @@ def table(task: str, r: dict) -> str:
     )
     rows = [head, "|" + "---|" * 6]
     if peer:
-        rows[0] += f" params / {PEER} | acc − {PEER} |"
-        rows[1] += "---|---|"
+        rows[0] += f" params / {PEER} | time / {PEER} | acc − {PEER} |"
+        rows[1] += "---|---|---|"
     for name, m in r["methods"].items():
         row = (
             f"| {name} | {m['lr']:g} | {100 * m['test_acc_mean']:.2f} ± "
@@ -377,8 +386,9 @@ def table(task: str, r: dict) -> str:
         )
         if peer:
             ratio = m["trainable_parameters"] / peer["trainable_parameters"]
+            time_ratio = m["train_seconds_mean"] / peer["train_seconds_mean"]
             diff = 100 * (m["test_acc_mean"] - peer["test_acc_mean"])
-            row += f" {ratio:.2f} | {diff:+.2f} |"
+            row += f" {ratio:.2f} | {time_ratio:.2f} | {diff:+.2f} |"
         rows.append(row)
     rows.append(
         f"\nuntrained model {100 * r['base_acc']:.2f}, majority class "
@@ -392,12 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["sst2"], choices=list(TASKS))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 1e-2, 1e-1])
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--train-size", type=int, help="First N training examples")
+    p.add_argument("--valid-size", type=int, help="Validation items (default 200)")
     p.add_argument("--boolq-test", type=int, default=500, help="BoolQ test items")
     p.add_argument("--model", default=str(MODEL))
     p.add_argument("--assets", default=str(ASSETS), help="Shared assets folder")

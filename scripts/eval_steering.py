@@ -10,7 +10,8 @@ non-toxic prompts, from ``../shared/assets``) ``--samples`` continuations of
 - ``actadd c``: the base model plus activation addition (CAA / ActAdd): ``c·v`` added
   to the residual stream after block ``--actadd-layer`` at every position, with ``v``
   the mean hidden state over the tokens of the ``--data`` texts labelled with the
-  attribute minus that of the texts with other labels.
+  attribute minus that of the texts with other labels, scaled so that strength 1
+  adds a quarter of the mean hidden-state norm (``--actadd-scale`` overrides).
 
 Every configuration samples with the same seed. Reported per configuration:
 
@@ -80,17 +81,29 @@ CACHE = Path.home() / ".cache" / "mlx_braces"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--adapter-path", required=True, help="A braces adapter with attributes.")
+    p.add_argument(
+        "--adapter-path", required=True, help="A braces adapter with attributes."
+    )
     p.add_argument("--model", help="Base model (default: the one the adapter records).")
     p.add_argument("--attribute", default="positive", help="Attribute to steer with.")
     p.add_argument("--prompts", default="neutral", choices=sorted(PROMPTS))
-    p.add_argument("--scorer", choices=["sentiment", "toxicity"], help="Default: by --prompts.")
+    p.add_argument(
+        "--scorer", choices=["sentiment", "toxicity"], help="Default: by --prompts."
+    )
     p.add_argument("--n-prompts", type=int, default=20)
     p.add_argument("--samples", type=int, default=5, help="Continuations per prompt.")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--strengths", default="-4,-2,-1,0,1,2,4")
-    p.add_argument("--actadd-layer", type=int, help="Block index (default: the middle).")
+    p.add_argument(
+        "--actadd-layer", type=int, help="Block index (default: the middle)."
+    )
     p.add_argument("--actadd-texts", type=int, default=200, help="Texts per side.")
+    p.add_argument(
+        "--actadd-scale",
+        type=float,
+        help="Coefficient per unit strength (default: strength 1 adds 0.25 x the "
+        "mean hidden-state norm).",
+    )
     p.add_argument(
         "--data",
         default=str(ROOT / "mlx_braces" / "assets" / "sst2"),
@@ -236,7 +249,9 @@ def _auc(p: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
 
 
-def train_probe(kind: str, encoder: MiniLM, assets: Path, n: int) -> tuple[np.ndarray, dict]:
+def train_probe(
+    kind: str, encoder: MiniLM, assets: Path, n: int
+) -> tuple[np.ndarray, dict]:
     """The probe's weights and its validation numbers (cached in ~/.cache/mlx_braces)."""
     cache = CACHE / f"probe_{kind}_{n}.json"
     if cache.is_file():
@@ -298,6 +313,14 @@ class _AddToResidual(nn.Module):
         self.coef = 0.0
         self.record = None
 
+    def __getattr__(self, key: str):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:  # the block's own fields (e.g. llama's use_sliding)
+            if "block" not in self:
+                raise
+            return getattr(self["block"], key)
+
     def __call__(self, x: mx.array, *args, **kwargs) -> mx.array:
         h = self.block(x, *args, **kwargs)
         if self.record is not None:
@@ -328,14 +351,19 @@ class Configs:
         self.wrapper.coef = coef or 0.0
 
 
-def mean_hidden(model: nn.Module, cfg: Configs, tokenizer, texts: list[str]) -> mx.array:
-    """Mean residual stream after block ``cfg.layer`` over the texts' tokens (no BOS)."""
-    total, count = 0.0, 0
+def mean_hidden(
+    model: nn.Module, cfg: Configs, tokenizer, texts: list[str]
+) -> tuple[mx.array, float]:
+    """Mean residual stream after block ``cfg.layer`` over the texts' tokens (no BOS),
+    and the mean norm of those hidden states."""
+    total, norms, count = 0.0, 0.0, 0
     cfg.wrapper.record = []
     cfg.actadd(0.0)
     try:
         for i in range(0, len(texts), 16):
-            ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts[i : i + 16]]
+            ids = [
+                tokenizer.encode(t, add_special_tokens=False) for t in texts[i : i + 16]
+            ]
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             toks = np.zeros((len(ids), max(map(len, ids)) + len(bos)), np.int32)
             mask = np.zeros(toks.shape, np.float32)
@@ -346,18 +374,21 @@ def mean_hidden(model: nn.Module, cfg: Configs, tokenizer, texts: list[str]) -> 
             model(mx.array(toks))
             h = cfg.wrapper.record[0].astype(mx.float32)
             total = total + (h * mx.array(mask)[..., None]).sum(axis=(0, 1))
-            count += mask.sum()
+            norms += (mx.linalg.norm(h, axis=-1) * mx.array(mask)).sum().item()
+            count += int(mask.sum())
     finally:
         cfg.wrapper.record = None
         cfg.actadd(None)
-    return total / count
+    return total / count, float(norms / count)
 
 
 # ---------------------------------------------------------------------------
 # Sampling and metrics
 
 
-def sample(model, prompt: list[int], n: int, max_tokens: int, sampler, eos: set) -> list[list[int]]:
+def sample(
+    model, prompt: list[int], n: int, max_tokens: int, sampler, eos: set
+) -> list[list[int]]:
     """``n`` continuations of ``prompt`` sampled together (one batch, one KV cache)."""
     cache = make_prompt_cache(model)
     logits = model(mx.array([prompt] * n), cache=cache)[:, -1]
@@ -374,7 +405,9 @@ def sample(model, prompt: list[int], n: int, max_tokens: int, sampler, eos: set)
     return cut
 
 
-def perplexities(model, prompt: list[int], continuations: list[list[int]]) -> list[float]:
+def perplexities(
+    model, prompt: list[int], continuations: list[list[int]]
+) -> list[float]:
     """Perplexity of each non-empty continuation given the prompt."""
     conts = [c for c in continuations if c]
     if not conts:
@@ -392,27 +425,32 @@ def perplexities(model, prompt: list[int], continuations: list[list[int]]) -> li
 
 
 def distinct(texts: list[str], n: int) -> float:
-    grams = [tuple(w[i : i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    grams = [
+        tuple(w[i : i + n])
+        for w in (t.split() for t in texts)
+        for i in range(len(w) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def decode_speed(model, tokenizer, cfgs: Configs, attribute: str, strength: float, n: int):
-    """Greedy decoding tokens/s, unsteered vs steered adapter (ABAB x3, medians)."""
+def decode_speed(
+    model, tokenizer, cfgs: Configs, attribute: str, strength: float, n: int
+):
+    """Greedy decoding tokens/s, unsteered vs steered adapter (ABAB x5, medians)."""
     prompt = mx.array(tokenizer.encode("Once upon a time"))
     times = {"unsteered": [], "steered": []}
 
     def run():
         tic = time.perf_counter()
-        for _, (tok, _) in zip(range(n), generate_step(prompt, model, max_tokens=n)):
-            pass
-        mx.eval(tok)
+        for _ in generate_step(prompt, model, max_tokens=n):
+            pass  # each step yields y.item(): the token is computed
         return n / (time.perf_counter() - tic)
 
-    run()  # warm up
-    for _ in range(3):
+    for _ in range(5):
+        run()  # warm up
         times["unsteered"].append(run())
         with steering(model, {attribute: strength}):
-            run()  # first call computes and caches S r_c
+            run()  # warm up; the first call computes and caches S r_c
             times["steered"].append(run())
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -424,16 +462,22 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     assets = Path(args.assets)
     strengths = [float(s) for s in args.strengths.split(",")]
-    scorer_kind = args.scorer or ("toxicity" if args.prompts == "toxicity" else "sentiment")
+    scorer_kind = args.scorer or (
+        "toxicity" if args.prompts == "toxicity" else "sentiment"
+    )
     try:
         model, tokenizer = adapters.load(args.model, adapter_path=args.adapter_path)
     except ValueError as e:
         sys.exit(f"Error: {e}")
     names = attribute_names(model)
     if args.attribute not in names:
-        sys.exit(f"Error: unknown attribute {args.attribute!r}; the adapter has: {', '.join(names) or 'none'}")
+        sys.exit(
+            f"Error: unknown attribute {args.attribute!r}; the adapter has: {', '.join(names) or 'none'}"
+        )
     model.eval()
-    layer = args.actadd_layer if args.actadd_layer is not None else len(model.layers) // 2
+    layer = (
+        args.actadd_layer if args.actadd_layer is not None else len(model.layers) // 2
+    )
     cfg = Configs(model, layer)
 
     print(f"Scorer: all-MiniLM-L6-v2 + logistic probe ({scorer_kind})", flush=True)
@@ -448,18 +492,27 @@ def main(argv: list[str] | None = None) -> None:
     # Activation addition's v: mean hidden state, attribute texts minus the others.
     rows = [json.loads(x) for x in open(Path(args.data) / "train.jsonl")]
     mine = [r["text"] for r in rows if r.get("attribute") == args.attribute]
-    other = [r["text"] for r in rows if r.get("attribute") not in (None, args.attribute)]
+    other = [
+        r["text"] for r in rows if r.get("attribute") not in (None, args.attribute)
+    ]
     if not mine or not other:
         sys.exit(
             f"Error: {args.data}/train.jsonl needs texts labelled {args.attribute!r} and "
             "texts with other labels for activation addition"
         )
     cfg.base(True)
-    v = mean_hidden(model, cfg, tokenizer, mine[: args.actadd_texts])
-    v = v - mean_hidden(model, cfg, tokenizer, other[: args.actadd_texts])
+    v_mine, norm = mean_hidden(model, cfg, tokenizer, mine[: args.actadd_texts])
+    v_other, _ = mean_hidden(model, cfg, tokenizer, other[: args.actadd_texts])
     cfg.base(False)
-    cfg.wrapper.vector = v
-    print(f"Activation addition: block {layer}, |v| = {mx.linalg.norm(v).item():.3f}", flush=True)
+    v = v_mine - v_other
+    v_norm = mx.linalg.norm(v).item()
+    scale = args.actadd_scale or 0.25 * norm / v_norm
+    cfg.wrapper.vector = scale * v
+    print(
+        f"Activation addition: block {layer}, |v| = {v_norm:.3f}, mean |h| = "
+        f"{norm:.3f}, coefficient = strength x {scale:.3f}",
+        flush=True,
+    )
 
     file = assets / PROMPTS[args.prompts]
     prompts = [json.loads(x)["prompt"]["text"] for x in open(file)][: args.n_prompts]
@@ -480,7 +533,9 @@ def main(argv: list[str] | None = None) -> None:
         conts = []
         with steering(model, {args.attribute: s} if method == "braces" else None):
             for p in encoded:
-                conts.append(sample(model, p, args.samples, args.max_tokens, sampler, eos))
+                conts.append(
+                    sample(model, p, args.samples, args.max_tokens, sampler, eos)
+                )
         cfg.actadd(None)
         cfg.base(True)  # fluency under the unsteered base model
         ppl = [x for p, c in zip(encoded, conts) for x in perplexities(model, p, c)]
@@ -493,7 +548,10 @@ def main(argv: list[str] | None = None) -> None:
             "strength": s,
             "share": float(((probs > 0.5) == bool(target)).mean()),
             "ppl": float(np.mean(ppl)) if ppl else float("nan"),
-            **{f"dist-{n}": float(np.mean([distinct(g, n) for g in texts])) for n in (1, 2, 3)},
+            **{
+                f"dist-{n}": float(np.mean([distinct(g, n) for g in texts]))
+                for n in (1, 2, 3)
+            },
             "example": f"{prompts[0]!r} -> {texts[0][0]!r}",
         }
         if scorer_kind == "toxicity":
@@ -509,9 +567,13 @@ def main(argv: list[str] | None = None) -> None:
     speed = None
     if args.speed_tokens:
         top = max(strengths, key=abs) or 1.0
-        speed = decode_speed(model, tokenizer, cfg, args.attribute, top, args.speed_tokens)
+        speed = decode_speed(
+            model, tokenizer, cfg, args.attribute, top, args.speed_tokens
+        )
 
-    what = {1: "toxic" if scorer_kind == "toxicity" else "positive", 0: "negative"}[target]
+    what = {1: "toxic" if scorer_kind == "toxicity" else "positive", 0: "negative"}[
+        target
+    ]
     print(
         f"\n{args.prompts} prompts: {len(prompts)} x {args.samples} samples, "
         f"{args.max_tokens} tokens; attribute {args.attribute!r}; share = {what}"
@@ -523,8 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in results:
+        s = "" if r["strength"] is None else f"{r['strength']:+g}"
         line = (
-            f"| {r['method']} | {'' if r['strength'] is None else f'{r['strength']:+g}'} "
+            f"| {r['method']} | {s} "
             f"| {r['share']:.3f} | {r['ppl']:.2f} | {r['dist-1']:.3f} | "
             f"{r['dist-2']:.3f} | {r['dist-3']:.3f} |"
         )
@@ -548,8 +611,17 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report = {
             "args": vars(args),
-            "scorer": {"encoder": encoder_id, "probe": scorer_kind, "validation": validation},
-            "actadd": {"layer": layer, "norm_v": mx.linalg.norm(v).item()},
+            "scorer": {
+                "encoder": encoder_id,
+                "probe": scorer_kind,
+                "validation": validation,
+            },
+            "actadd": {
+                "layer": layer,
+                "norm_v": v_norm,
+                "norm_h": norm,
+                "scale": scale,
+            },
             "results": results,
             "decode_speed": speed,
         }

@@ -21,7 +21,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load
 
-from mlx_braces import adapters, apply_braces, braced_layers, orthonormalize
+from mlx_braces import adapters, apply_braces, braced_layers
 from mlx_braces.steering import (
     AttributeDataset,
     SteeringError,
@@ -125,10 +125,14 @@ def test_r_c_and_conditioned_ffn_match_numpy(stories):
         W_V = _np(m.down.weight)  # (d, d_ff)
         A = R @ W_V
         r_c = (h @ R.T) @ A / np.sqrt(m.rank)  # (n_attr, d_ff)
-        np.testing.assert_allclose(_np(m.attribute_relevance()), r_c, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            _np(m.attribute_relevance()), r_c, rtol=1e-4, atol=1e-5
+        )
 
         xn = _np(x)
-        w = _silu(xn @ _np(m.ffn.gate_proj.weight).T) * (xn @ _np(m.ffn.up_proj.weight).T)
+        w = _silu(xn @ _np(m.ffn.gate_proj.weight).T) * (
+            xn @ _np(m.ffn.up_proj.weight).T
+        )
         r = (xn @ R.T) @ A / np.sqrt(m.rank)
         g = 1 / (1 + np.exp(-_np(m.gate)[0]))
         want = (w + g * (r + s @ r_c)) @ W_V.T
@@ -144,20 +148,23 @@ def test_cached_steering_gives_identical_logits(stories):
     assert cached is not None
     again = model(PROMPT)
     assert m0._steering.term is cached  # served from the cache
-    model.train()  # training never caches: the uncached path
-    m0._steering.key = m0._steering.term = None
-    uncached = model(PROMPT)
-    assert m0._steering.term is None
-    model.eval()
     assert mx.array_equal(first, again).item()
-    assert mx.array_equal(first, uncached).item()
 
-    # New strengths or new MLP weights invalidate the cache.
-    steer(model, {"positive": -2.0})
-    flipped = model(PROMPT)
+    # Equal but new arrays (as after load_weights) miss every cache: recomputed
+    # from scratch, the logits are the same bit for bit.
     model.update(tree_map(lambda p: p * 1.0, model.trainable_parameters()))
-    assert mx.array_equal(model(PROMPT), flipped).item()
+    steer(model, {"positive": 2.0, "negative": 1.0})
+    uncached = model(PROMPT)
     assert m0._steering.term is not cached
+    assert mx.array_equal(uncached, first).item()
+    # The training path (nothing cached) computes the same function.
+    model.train()
+    assert mx.allclose(model(PROMPT), first, atol=1e-4).item()
+    model.eval()
+
+    # New strengths invalidate the cache.
+    steer(model, {"positive": -2.0})
+    assert not mx.allclose(model(PROMPT), first, atol=1e-3).item()
 
 
 def test_per_row_strengths_match_single_rows(stories):
@@ -165,6 +172,8 @@ def test_per_row_strengths_match_single_rows(stories):
     rows = [{"positive": 2.0}, {"negative": 1.5, "positive": -1.0}]
     steer(model, rows)
     both = model(mx.concatenate([PROMPT, PROMPT]))
+    with pytest.raises(ValueError, match="2 rows of strengths but the batch has 1"):
+        model(PROMPT)
     for i, row in enumerate(rows):
         steer(model, row)
         assert mx.allclose(both[i], model(PROMPT)[0], atol=1e-5).item()
@@ -189,13 +198,19 @@ def test_quantized_r_c_matches_dequantized_numpy():
     randomize_branch(model)
     for _, m in braced_layers(model):
         down = m.down
-        W_V = _np(mx.dequantize(down.weight, down.scales, down.biases, down.group_size, down.bits))
+        W_V = _np(
+            mx.dequantize(
+                down.weight, down.scales, down.biases, down.group_size, down.bits
+            )
+        )
         c = m.cond
         h = _silu(_np(c.e) @ _np(c.up.weight).T + _np(c.up.bias)) @ _np(c.out.weight).T
         h = h + _np(c.out.bias)
         R = _np(m.R)
         want = (h @ R.T) @ (R @ W_V) / np.sqrt(m.rank)
-        np.testing.assert_allclose(_np(m.attribute_relevance()), want, rtol=2e-2, atol=2e-3)
+        np.testing.assert_allclose(
+            _np(m.attribute_relevance()), want, rtol=2e-2, atol=2e-3
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -257,10 +272,15 @@ def test_adapter_attribute_errors(stories, tmp_path):
         cfg_file.write_text(json.dumps(cfg))
         return adapters.load_adapter(fresh(stories)[0], tmp_path)
 
-    with pytest.raises(adapters.AdapterError, match="lists attributes positive, negative, neutral|cond.e has shape"):
+    with pytest.raises(
+        adapters.AdapterError,
+        match="lists attributes positive, negative, neutral|cond.e has shape",
+    ):
         load_with({**config, "attributes": {**WORDS, "neutral": ["ok"]}})
     no_attr = {k: v for k, v in config.items() if not k.startswith("attribute")}
-    with pytest.raises(adapters.AdapterError, match="attribute tensors .* lists no 'attributes'"):
+    with pytest.raises(
+        adapters.AdapterError, match="attribute tensors .* lists no 'attributes'"
+    ):
         load_with(no_attr)
     with pytest.raises(adapters.AdapterError, match="attribute 'positive' must list"):
         load_with({**config, "attributes": {"positive": [], "negative": ["bad"]}})
@@ -270,15 +290,21 @@ def test_adapter_attribute_errors(stories, tmp_path):
     adapters.save_adapter(plain, tmp_path / "plain")
     cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     (tmp_path / "plain" / "adapter_config.json").write_text(
-        json.dumps({**cfg, "attributes": WORDS, "attribute_parameters": {"hidden_dims": 8}})
+        json.dumps(
+            {**cfg, "attributes": WORDS, "attribute_parameters": {"hidden_dims": 8}}
+        )
     )
-    with pytest.raises(adapters.AdapterError, match="weights have no attribute tensors"):
+    with pytest.raises(
+        adapters.AdapterError, match="weights have no attribute tensors"
+    ):
         adapters.load_adapter(fresh(stories)[0], tmp_path / "plain")
 
 
 def test_steering_errors(stories):
     model, tok = steered_model(stories)
-    with pytest.raises(SteeringError, match="unknown attribute 'happy'.*positive, negative"):
+    with pytest.raises(
+        SteeringError, match="unknown attribute 'happy'.*positive, negative"
+    ):
         steer(model, {"happy": 1.0})
     with pytest.raises(SteeringError, match="finite number"):
         steer(model, {"positive": float("nan")})
@@ -296,11 +322,15 @@ def test_word_that_tokenizes_to_nothing():
     from transformers import PreTrainedTokenizerFast
 
     raw = Tokenizer(WordLevel({"good": 0, "bad": 1}, unk_token=None))
-    raw.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()])
+    raw.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.StripAccents()]
+    )
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw)
     assert tokenize_words(tok, {"p": ["good"]}) == {"p": [[0]]}
-    with pytest.raises(SteeringError, match="attribute 'n': word '\u0301' tokenizes to nothing"):
+    with pytest.raises(
+        SteeringError, match="attribute 'n': word '\u0301' tokenizes to nothing"
+    ):
         tokenize_words(tok, {"p": ["good"], "n": ["bad", "\u0301"]})
 
 
@@ -331,14 +361,21 @@ def test_dataset_batches_and_loss(stories):
 
     model, tok = steered_model(stories)
     rows = sst2("valid", 8) + [{"text": "no label here"}]
-    data = AttributeDataset(CacheDataset(TextDataset(rows, tok)), ["positive", "negative"])
+    data = AttributeDataset(
+        CacheDataset(TextDataset(rows, tok)), ["positive", "negative"]
+    )
     seen = 0
     for batch, lengths, labels in iterate_batches(data, 3, 64, seed=0):
         for b in range(3):
             n = int(lengths[b, 1])
-            j = next(i for i in range(len(rows)) if data[i][0][:n] == batch[b, :n].tolist())
+            j = next(
+                i for i in range(len(rows)) if data[i][0][:n] == batch[b, :n].tolist()
+            )
             label = rows[j].get("attribute")
-            assert labels[b].tolist() == [float(label == "positive"), float(label == "negative")]
+            assert labels[b].tolist() == [
+                float(label == "positive"),
+                float(label == "negative"),
+            ]
             seen += 1
         # The loss is the LM loss with each row steered by its label (s = +1).
         got, _ = loss(model, batch, lengths, labels)
@@ -364,7 +401,9 @@ def test_contrast_makes_exclusive_attributes_opposite(stories):
     # Without contrast (one-hot labels, METHOD.md literally) they are independent.
     plain, _ = fresh(stories)
     apply_braces(plain, rank=8, seed=0)
-    install_attributes(plain, WORDS, [m.cond.e for _, m in braced_layers(model)], 8, contrast=False)
+    install_attributes(
+        plain, WORDS, [m.cond.e for _, m in braced_layers(model)], 8, contrast=False
+    )
     plain.update(model.trainable_parameters())
     steer(plain, {"negative": 1.5})
     assert not mx.allclose(plain(PROMPT), negative, atol=1e-3).item()
@@ -373,28 +412,37 @@ def test_contrast_makes_exclusive_attributes_opposite(stories):
 
 
 def test_trained_attribute_moves_sentiment_score(stories):
-    """Positive steering must raise log p(positive) - log p(negative) on held-out SST-2."""
+    """Steering must move log p(positive) - log p(negative) of held-out SST-2 its way.
+
+    The attribute is trained on short SST-2 train sentences for 100 steps. ``R`` and
+    the gate stay fixed (g = 0.5) so that only the conditional branch learns, which
+    keeps the run short; the score uses SST-2 dev sentences the model never saw.
+    """
     from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
     model, tok = fresh(stories)
-    apply_braces(model, rank=8, seed=0, gate_init=-2.0)
+    apply_braces(model, rank=8, seed=0, gate_init=0.0)
     add_attributes(model, tok, "sentiment", seed=0)
-    train = [r for r in sst2("train") if len(r["text"].split()) <= 12][:400]
-    data = AttributeDataset(CacheDataset(TextDataset(train, tok)), attribute_names(model))
+    for _, m in braced_layers(model):
+        m.freeze(keys=["R", "gate"], recurse=False)
+    train = [r for r in sst2("train") if len(r["text"].split()) <= 10]
+    data = AttributeDataset(
+        CacheDataset(TextDataset(train, tok)), attribute_names(model)
+    )
     opt = optim.Adam(learning_rate=1e-2)
     step = nn.value_and_grad(model, loss)
     model.train()
-    for _, batch in zip(range(60), iterate_batches(data, 8, 64, loop=True, seed=0)):
+    for _, batch in zip(range(100), iterate_batches(data, 8, 64, loop=True, seed=0)):
         _, grads = step(model, *batch)
         opt.update(model, grads)
-        orthonormalize(model)
         mx.eval(model.parameters(), opt.state)
     model.eval()
 
-    held = [r for r in sst2("test") if len(r["text"].split()) <= 12]
-
     def logprob(rows):
-        toks = [[tok.bos_token_id, *tok.encode(r["text"], add_special_tokens=False)] for r in rows]
+        toks = [
+            [tok.bos_token_id, *tok.encode(r["text"], add_special_tokens=False)]
+            for r in rows
+        ]
         x = np.zeros((len(toks), max(map(len, toks))), np.int32)
         mask = np.zeros((len(toks), x.shape[1] - 1), np.float32)
         for i, t in enumerate(toks):
@@ -403,10 +451,11 @@ def test_trained_attribute_moves_sentiment_score(stories):
         lp = -nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:]) * mask
         return (lp.sum() / mask.sum()).item()
 
-    pos = [r for r in held if r["attribute"] == "positive"][:60]
-    neg = [r for r in held if r["attribute"] == "negative"][:60]
+    held = [r for r in sst2("test") if len(r["text"].split()) <= 10]
+    pos = [r for r in held if r["attribute"] == "positive"][:100]
+    neg = [r for r in held if r["attribute"] == "negative"][:100]
     score = {}
-    for s in (-2.0, 0.0, 2.0):
+    for s in (-1.0, 0.0, 1.0):
         steer(model, {"positive": s})
         score[s] = logprob(pos) - logprob(neg)
-    assert score[2.0] > score[0.0] > score[-2.0], score
+    assert score[1.0] > score[0.0] + 0.005 and score[0.0] > score[-1.0] + 0.005, score
