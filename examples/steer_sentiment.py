@@ -147,10 +147,10 @@ def main() -> None:
     model.eval()
     print(f"Saved the adapter to {args.adapter_path}\n")
 
-    held_out = balanced(read("test", 40))
+    held_out = balanced(read("test", args.max_words), 60)
     sampler = make_sampler(temp=0.7)
     print(
-        f"score = per-token log p(positive) - log p(negative) of 100 + 100 held-out "
+        f"score = per-token log p(positive) - log p(negative) of 60 + 60 held-out "
         f"SST-2 (dev) sentences; prompt {args.prompt!r}"
     )
     for s in (-4, -2, -1, 0, 1, 2, 4):

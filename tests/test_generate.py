@@ -214,9 +214,10 @@ def test_python_api_steers_for_the_call_only(setup):
         )
     )
     assert text == steered
-    steer(model, {"negative": -3.0})  # steering set by the caller stays set
+    # With contrastive attributes "negative": -3 would equal "positive": 3.
+    steer(model, {"negative": 6.0})  # steering set by the caller stays set
     negative = generate(model, tokenizer, PROMPT, max_tokens=8)
-    assert negative == reference(folder, adapter, {"negative": -3.0})
+    assert negative == reference(folder, adapter, {"negative": 6.0})
     assert negative not in (plain, steered)
     once = generate(model, tokenizer, PROMPT, max_tokens=8, steering={"positive": 3})
     assert once == steered

@@ -30,7 +30,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from tiny_models import CONFIGS, build, quantized  # noqa: E402
 
-from mlx_braces import apply_braces, load_adapter, save_adapter  # noqa: E402
+from mlx_braces import (  # noqa: E402
+    apply_braces,
+    braced_layers,
+    load_adapter,
+    save_adapter,
+)
 from mlx_braces.inspect import (  # noqa: E402
     FINAL_NORMS,
     capture,
@@ -281,7 +286,10 @@ def test_steering_applies_for_the_call_only():
 
     model, tokenizer = mlx_load(str(STORIES))
     apply_braces(model, rank=8, gate_init=0.0, seed=1)
-    add_attributes(model, tokenizer, {"happy": ["happy", "smile"]}, residual=True)
+    add_attributes(model, tokenizer, {"happy": ["happy", "smile"]}, contrast=False)
+    for i, (_, m) in enumerate(braced_layers(model)):  # as if trained: h_c != 0
+        shape = m.cond.out.weight.shape
+        m.cond.out.weight = 0.5 * mx.random.normal(shape, key=mx.random.key(i))
     base = inspect_braces(model, tokenizer, PROMPT, top_vectors=2, top_tokens=2)
     steered = inspect_braces(
         model, tokenizer, PROMPT, top_vectors=2, top_tokens=2, steering={"happy": 3.0}
