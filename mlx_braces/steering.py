@@ -541,12 +541,12 @@ def iterate_batches(
 def loss(
     model: nn.Module, batch: mx.array, lengths: mx.array, labels: mx.array
 ) -> tuple[mx.array, mx.array]:
-    """mlx-lm's ``default_loss`` with each row steered by its labels (B, n_attr).
+    """The trainer's ``default_loss`` with each row steered by its labels (B, n_attr).
 
     A labelled row is one-hot (``s = +1`` on its attribute, then
     :func:`effective_strengths`); an unlabelled row is zeros.
     """
-    from mlx_lm.tuner.trainer import default_loss
+    from .trainer import default_loss
 
     S = effective_strengths(model, labels)
     layers = [m for _, m in braced_layers(model)]

@@ -836,6 +836,7 @@ def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = Non
         batch_size=args.batch_size,
         num_batches=args.test_batches,
         max_seq_length=args.max_seq_length,
+        loss=default_loss,
         iterate_batches=iterate_batches,
         progress_callback=pbar.update if pbar else None,
     )

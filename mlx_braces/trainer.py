@@ -29,7 +29,7 @@ from mlx_lm.cli_ui import TrainUI, make_train_progress
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import TrainingArgs as _TrainingArgs
-from mlx_lm.tuner.trainer import _clear_cache, default_loss, evaluate, grad_checkpoint
+from mlx_lm.tuner.trainer import _clear_cache, evaluate, grad_checkpoint
 from mlx_lm.tuner.trainer import iterate_batches as _pad_batches
 
 from .adapters import (
@@ -61,6 +61,25 @@ __all__ = [
     "load_weights_file",
     "train",
 ]
+
+
+def default_loss(
+    model, batch: mx.array, lengths: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Mean next-token cross-entropy over each row's targets: (loss, ntoks).
+
+    mlx-lm's ``default_loss``, except that it does not score the padding token after
+    each sequence (mlx-lm 0.32 does, ml-explore/mlx-lm#1697: on a short answer that
+    one target can outweigh the answer). Row b scores tokens ``lengths[b, 0] + 1``
+    ... ``lengths[b, 1] - 1`` (a prompt offset, then the sequence length).
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, L-1) each
+    logits = model(inputs)
+    steps = mx.arange(1, targets.shape[1] + 1)  # target position = token index
+    mask = mx.logical_and(steps >= lengths[:, 0:1], steps < lengths[:, 1:])
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ntoks = mask.sum()
+    return ce.astype(mx.float32).sum() / ntoks, ntoks
 
 
 class TrainingError(ValueError):

@@ -1,7 +1,7 @@
 """The README's quickstart, run as a user would: train on the embedded default, generate.
 
 Then an independent check that the braced model's validation loss on the embedded
-validation split is lower than the base model's, both computed with mlx-lm's evaluate.
+validation split is lower than the base model's, both computed with mlx-lm's evaluate and the trainer's loss.
 """
 
 import os
@@ -16,6 +16,7 @@ from mlx_lm.tuner.trainer import evaluate
 
 import mlx_braces
 from mlx_braces.adapters import quantize_base, read_config
+from mlx_braces.trainer import default_loss
 
 ASSETS = Path(mlx_braces.__file__).parent / "assets"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -72,7 +73,9 @@ def test_generate_shows_base_then_braced(quickstart):
 def _val_loss(model, tokenizer) -> float:
     args = SimpleNamespace(mask_prompt=False)
     _, valid, _ = load_local_dataset(ASSETS / "sst2", tokenizer, args)
-    return evaluate(model, CacheDataset(valid), batch_size=4, num_batches=-1)
+    return evaluate(
+        model, CacheDataset(valid), batch_size=4, num_batches=-1, loss=default_loss
+    )
 
 
 def test_braced_validation_loss_beats_base(quickstart):

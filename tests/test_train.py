@@ -540,10 +540,10 @@ def test_mask_prompt_masks_exactly_the_prompt(tmp_path):
             return_dict=False,
         )
         assert tokens[: len(prompt)] == prompt and int(lengths[row, 0]) == len(prompt)
-        # Targets: every completion token (positions len(prompt)..n-1), plus the
-        # one padding target that mlx-lm's default_loss counts after each sequence.
-        for j in range(len(prompt) - 1, n):
-            total -= logp[row, j, tokens[j + 1] if j + 1 < len(tokens) else 0]
+        # Targets: exactly the completion tokens (positions len(prompt)..n-1), not
+        # the padding target mlx-lm's own default_loss also counts (mlx-lm#1697).
+        for j in range(len(prompt) - 1, n - 1):
+            total -= logp[row, j, tokens[j + 1]]
             count += 1
     assert int(ntoks) == count
     np.testing.assert_allclose(loss.item(), total / count, rtol=1e-5)
