@@ -97,6 +97,15 @@ class _ValueCache:
         self.terms: tuple | None = None
 
 
+def _concrete(value: Any) -> bool:
+    """Evaluate ``value``; False inside ``mx.compile``, where it is a tracer (never cache it)."""
+    try:
+        mx.eval(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _same(cached: tuple | None, key: tuple) -> bool:
     """True if ``cached`` holds exactly the objects of ``key`` (identity, not value)."""
     return (
@@ -168,11 +177,7 @@ class BracedFFN(nn.Module):
         if not self.training and _same(cache.key, key):
             return cache.A
         A = value_projection(down, self.R)
-        if not self.training:
-            try:
-                mx.eval(A)  # cache concrete values only, never a compile tracer
-            except ValueError:
-                return A
+        if not self.training and _concrete(A):
             cache.key, cache.A = key, A
         return A
 
@@ -210,11 +215,7 @@ class BracedFFN(nn.Module):
         if not self.training and _same(state.key, key):
             return state.term
         term = state.strengths.astype(mx.float32) @ self.attribute_relevance()
-        if not self.training:
-            try:
-                mx.eval(term)  # cache concrete values only, never a compile tracer
-            except ValueError:
-                return term
+        if not self.training and _concrete(term):
             state.key, state.term = key, term
         return term
 
@@ -236,9 +237,7 @@ class BracedFFN(nn.Module):
             ((g / math.sqrt(self.rank)) * self.value_projection()).astype(dtype),
             None if term is None else (g * term).astype(dtype),  # (d_ff,)
         )
-        try:
-            mx.eval(terms)
-        except ValueError:
+        if not _concrete(terms):
             return None
         fast.key, fast.terms = key, terms
         return terms
