@@ -9,11 +9,13 @@ trained on TinyStories; here its braces learn the embedded SST-2 movie-review se
 import argparse
 from types import SimpleNamespace
 
+import mlx_braces  # first: it loads OpenBLAS before MLX binds a BLAS
+
+# isort: split
 import mlx.optimizers as optim
 from mlx_lm import load as mlx_load
 from mlx_lm.tuner.datasets import load_local_dataset
 
-import mlx_braces
 from mlx_braces.adapters import quantize_base
 from mlx_braces.train import EMBEDDED_DATA, EMBEDDED_MODEL
 from mlx_braces.trainer import TrainingArgs, train

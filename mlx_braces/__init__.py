@@ -1,5 +1,13 @@
 """mlx-braces: LLM Braces (relevance-scored FFN sub-updates) for MLX and mlx-lm."""
 
+# ruff: noqa: E402  (the BLAS must load before any import of mlx.core)
+import sys
+import types
+
+from . import blas
+
+blas.setup()  # before anything imports mlx.core: MLX binds its BLAS at import
+
 from ._version import __version__
 from .adapters import AdapterError, load, load_adapter, save_adapter
 from .braces import (
@@ -37,3 +45,22 @@ def __getattr__(name: str):
         )
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Keeps ``mlx_braces.generate`` the function, as ``mlx_lm.generate`` is.
+
+    Importing the ``mlx_braces.generate`` CLI module would otherwise rebind the
+    package's ``generate`` to that module (the import system sets it on the parent),
+    so ``from mlx_braces import generate`` would depend on import order. The module
+    itself stays in ``sys.modules`` (``importlib.import_module`` returns it).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "generate" and isinstance(value, types.ModuleType):
+            super().__setattr__("stream_generate", value.stream_generate)
+            value = value.generate
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

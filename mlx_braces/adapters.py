@@ -17,8 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import commit
 from ._version import __version__
 from .braces import apply_braces, braced_layers
+from .quantize import dequantize_dtype, dequantize_model, quantize_base
 from .steering import (
     SteeringError,
     attribute_config,
@@ -86,26 +88,32 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_weights(model: nn.Module, file: str | Path) -> None:
-    """Atomically write ``model``'s braces parameters to a safetensors ``file``."""
+def write_weights(model: nn.Module):
+    """A writer of ``model``'s braces parameters (safetensors) to the path it is given."""
     weights = adapter_parameters(model)
     mx.eval(weights)
-    _atomic_write(
-        Path(file),
-        lambda tmp: mx.save_safetensors(
-            tmp, weights, metadata={"format": "mlx", "fine_tune_type": "braces"}
-        ),
-    )
+    meta = {"format": "mlx", "fine_tune_type": "braces"}
+    return lambda tmp: mx.save_safetensors(str(tmp), weights, metadata=meta)
 
 
-def save_config(config: dict[str, Any], file: str | Path) -> None:
-    """Atomically write an adapter config (sorted, indented JSON)."""
+def write_config(config: dict[str, Any]):
+    """A writer of an adapter config (sorted, indented JSON) to the path it is given."""
 
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(dict(sorted(config.items())), f, indent=4, default=str)
 
-    _atomic_write(Path(file), write)
+    return write
+
+
+def save_weights(model: nn.Module, file: str | Path) -> None:
+    """Atomically write ``model``'s braces parameters to a safetensors ``file``."""
+    _atomic_write(Path(file), write_weights(model))
+
+
+def save_config(config: dict[str, Any], file: str | Path) -> None:
+    """Atomically write an adapter config (sorted, indented JSON)."""
+    _atomic_write(Path(file), write_config(config))
 
 
 def save_adapter(model: nn.Module, adapter_path: str | Path, /, **config: Any) -> Path:
@@ -114,23 +122,58 @@ def save_adapter(model: nn.Module, adapter_path: str | Path, /, **config: Any) -
     Extra keyword arguments (e.g. ``model="mlx-community/..."``, training settings) are
     recorded in the config; the braces fields always describe ``model`` itself.
     """
-    adapter_path = Path(adapter_path)
+    adapter_path = _folder_arg(adapter_path)
     config.pop("lora_parameters", None)
-    save_config({**config, **braces_config(model)}, adapter_path / CONFIG_NAME)
-    save_weights(model, adapter_path / WEIGHTS_NAME)
+    if isinstance(config.get("model"), str) and "base_gguf_sha256" not in config:
+        from .models import model_record
+
+        config.update(model_record(config["model"]))  # a GGUF base: its sha256
+    files = {  # config and weights replaced together: a kill leaves old or new
+        CONFIG_NAME: write_config({**config, **braces_config(model)}),
+        WEIGHTS_NAME: write_weights(model),
+    }
+    commit.commit(adapter_path, files)
     return adapter_path
+
+
+def _folder_arg(adapter_path: Any) -> Path:
+    """``adapter_path`` as a Path; AdapterError for what cannot be a folder path."""
+    if not isinstance(adapter_path, (str, os.PathLike)) or not str(adapter_path):
+        raise AdapterError(
+            f"adapter_path must be a folder path (str or os.PathLike), got "
+            f"{adapter_path!r}"
+        )
+    path = Path(adapter_path)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path}: is a file, not an adapter folder")
+    return path
+
+
+def _model_arg(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise AdapterError(
+            f"model must be an mlx.nn.Module (an mlx-lm model), got "
+            f"{type(model).__name__}"
+        )
 
 
 def read_config(adapter_path: str | Path) -> dict[str, Any]:
     """Read and check an adapter folder's config; errors name the file and field."""
-    file = Path(adapter_path) / CONFIG_NAME
-    if not file.is_file():
+    folder = _folder_arg(adapter_path)
+    file = folder / CONFIG_NAME
+    try:
+        current = commit.resolve(folder, CONFIG_NAME)  # through a cut commit's journal
+    except commit.CommitError as e:
+        raise AdapterError(str(e)) from None
+    if not current.is_file():
         raise AdapterError(f"{file}: not found (is {adapter_path} an adapter folder?)")
     try:
-        with open(file) as f:
+        with open(current) as f:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterError(f"{file}: cannot read ({e.strerror})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{file}: expected a JSON object")
     return config
@@ -172,10 +215,11 @@ def check_braces_config(config: dict[str, Any], file: str | Path) -> None:
 
 
 def _read_weights(file: Path) -> dict[str, mx.array]:
-    if not file.is_file():
+    current = commit.resolve(file.parent, file.name)  # through a cut commit's journal
+    if not current.is_file():
         raise AdapterError(f"{file}: not found")
     try:
-        weights = mx.load(str(file), format="safetensors")  # never another format
+        weights = mx.load(str(current), format="safetensors")  # never another format
         mx.eval(weights)
     except (RuntimeError, ValueError) as e:
         raise AdapterError(f"{file}: cannot read ({e})") from None
@@ -230,17 +274,27 @@ def load_adapter(
     ``weights`` picks a file inside the folder (e.g. a numbered checkpoint).
     Raises :class:`AdapterError` naming the file and what differs.
     """
-    adapter_path = Path(adapter_path)
-    config = read_config(adapter_path)
-    config_file = adapter_path / CONFIG_NAME
-    if config.get("fine_tune_type") != "braces":
+    _model_arg(model)
+    adapter_path = _folder_arg(adapter_path)
+    if weights is not None and (not isinstance(weights, str) or not weights):
         raise AdapterError(
-            f"{config_file}: fine_tune_type is {config.get('fine_tune_type')!r}, "
-            "not 'braces'"
+            f"weights must be a file name in {adapter_path}, got {weights!r}"
         )
-    check_braces_config(config, config_file)
+    config_file = adapter_path / CONFIG_NAME
     file = adapter_path / (weights or WEIGHTS_NAME)
-    loaded = _read_weights(file)
+    names = (CONFIG_NAME, file.name)
+    for _ in range(5):  # a checkpoint committed while we read: read both again
+        seen = commit.snapshot(adapter_path, names)
+        config = read_config(adapter_path)
+        if config.get("fine_tune_type") != "braces":
+            raise AdapterError(
+                f"{config_file}: fine_tune_type is {config.get('fine_tune_type')!r}, "
+                "not 'braces'"
+            )
+        check_braces_config(config, config_file)
+        loaded = _read_weights(file)
+        if commit.snapshot(adapter_path, names) == seen:
+            break
     _brace_like(model, config, config_file)
     expected = adapter_parameters(model)
     missing = sorted(set(expected) - set(loaded))
@@ -315,6 +369,103 @@ def is_braces_adapter(adapter_path: str | Path) -> bool:
     return kind == "braces"
 
 
+def check_base_gguf(adapter_path: str | Path, model: str | None) -> None:
+    """Refuse a base whose GGUF differs from the one the adapter recorded, if both known."""
+    from .models import gguf_sha256
+
+    file = Path(adapter_path) / CONFIG_NAME
+    if not file.is_file():
+        return
+    recorded = read_config(adapter_path).get("base_gguf_sha256")
+    actual = gguf_sha256(model) if recorded else None
+    if actual is not None and actual != recorded:
+        raise AdapterError(
+            f"{file}: adapter was trained on the GGUF with sha256 {recorded}, but "
+            f"{model} is sha256 {actual} (a different base model file)"
+        )
+
+
+class ModelLoadError(ValueError, OSError):
+    """A base model that cannot be found or read (one line; also an OSError)."""
+
+
+def model_load_message(spec: str, error: BaseException, source: str = "") -> str:
+    """One line for an OSError of mlx-lm's load (Hugging Face's are paragraphs)."""
+    local = Path(spec).expanduser()
+    if local.exists() and not local.is_dir():
+        why = "is a file, not a model folder"
+    elif local.is_dir():
+        why = " ".join(str(error).split()) or type(error).__name__
+    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # not a Hub id
+        why = "no such folder"
+    elif _hub_offline():
+        why = (
+            "no such folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
+            "set, so it cannot be downloaded)"
+        )
+    else:
+        first = " ".join(str(error).split())[:300]
+        why = f"no such folder, and the Hugging Face Hub gave: {first}"
+    return f"cannot load model {spec}{source}: {why}"
+
+
+def check_model_available(spec: str) -> None:
+    """Raise ModelLoadError now for a model that mlx-lm would fail to load later.
+
+    A path must be a folder; a Hub id is fetched into the Hugging Face cache now (a
+    no-op when it is there), so a server fails at startup rather than at its first
+    request. (Named models and .gguf files: ``resolve_model``.)
+    """
+    from .models import is_gguf, named_model
+
+    if named_model(spec) or is_gguf(spec):
+        return
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return
+    if local.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(model_load_message(spec, FileNotFoundError(spec)))
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:  # in the local cache; else download it now, as mlx-lm's load would later
+        snapshot_download(spec, allow_patterns=DEFAULT_ALLOW_PATTERNS)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(model_load_message(spec, e)) from None
+
+
+def _hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (it reads HF_HUB_OFFLINE on import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def recorded_model(adapter_path: str | Path) -> str | None:
+    """The base model an adapter records, usable from any working directory.
+
+    New adapters record a local folder by absolute path; an older adapter's relative
+    entry is looked up from here, then inside and beside the adapter folder.
+    Hub ids and names come back as recorded.
+    """
+    model = read_config(adapter_path).get("model")
+    if model is None or model == "":
+        return None
+    if not isinstance(model, str):
+        raise AdapterError(
+            f"{Path(adapter_path) / CONFIG_NAME}: field 'model' must be a string, got "
+            f"{model!r}"
+        )
+    path = Path(model).expanduser()
+    if path.is_absolute() or path.exists():
+        return model
+    folder = Path(adapter_path).resolve()
+    for base in (folder, folder.parent):
+        if (base / path).exists():
+            return str(base / path)
+    return model
+
+
 def load(
     path_or_hf_repo: str | None = None,
     adapter_path: str | None = None,
@@ -324,19 +475,35 @@ def load(
     return_config: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    dequantize: bool | str = False,
 ) -> tuple[nn.Module, Any] | tuple[nn.Module, Any, dict[str, Any]]:
     """``mlx_lm.load`` that also applies braces adapters; same arguments and returns.
 
     LoRA, DoRA and full adapters are handed to mlx-lm unchanged. With a braces adapter
     and no model, the base model recorded in the adapter config is loaded; a base the
     adapter was trained on after in-memory quantization (``base_quantization``) is
-    quantized the same way first.
+    quantized the same way first. ``dequantize`` (True, or "float32", "bfloat16",
+    "float16") makes the quantized layers full-precision in memory, exactly, before the
+    adapter is applied: for hardware whose quantized kernels are slow (Linux CPU).
     """
+    from huggingface_hub.errors import HFValidationError
     from mlx_lm import load as mlx_load
 
+    dtype = dequantize_dtype(dequantize)  # a bad value fails before any loading
+
+    from .models import resolve_model
+
+    if path_or_hf_repo is not None and not isinstance(path_or_hf_repo, (str, Path)):
+        raise ModelLoadError(
+            f"path_or_hf_repo must be a model folder, Hub id or name, got "
+            f"{path_or_hf_repo!r}"
+        )
     braces = adapter_path is not None and is_braces_adapter(adapter_path)
+    source = ""
     if path_or_hf_repo is None:
-        recorded = read_config(adapter_path).get("model") if adapter_path else None
+        recorded = recorded_model(adapter_path) if adapter_path else None
+        if adapter_path:
+            source = f" (recorded in {Path(adapter_path) / CONFIG_NAME})"
         if not recorded:
             where = (
                 f"{Path(adapter_path) / CONFIG_NAME} records none (field 'model')"
@@ -345,34 +512,31 @@ def load(
             )
             raise AdapterError(f"No model given and {where}.")
         path_or_hf_repo = recorded
-    model, tokenizer, config = mlx_load(
-        path_or_hf_repo,
-        tokenizer_config=tokenizer_config,
-        model_config=model_config,
-        adapter_path=None if braces else adapter_path,
-        lazy=lazy,
-        return_config=True,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
+    if braces:
+        check_base_gguf(adapter_path, path_or_hf_repo)
+    try:
+        model, tokenizer, config = mlx_load(
+            resolve_model(path_or_hf_repo),  # a named model or .gguf: its cached folder
+            tokenizer_config=tokenizer_config,
+            model_config=model_config,
+            adapter_path=None if braces else adapter_path,
+            lazy=lazy,
+            return_config=True,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, HFValidationError) as e:  # no folder; not on (or off) the Hub
+        raise ModelLoadError(
+            model_load_message(str(path_or_hf_repo), e, source)
+        ) from None
     if braces:
         quant = read_config(adapter_path).get("base_quantization")
         if (
             quant and "quantization" not in config
         ):  # trained on a base quantized in memory
             model, config = quantize_base(model, config, **quant)
+    if dtype is not None:
+        dequantize_model(model, dtype)
+    if braces:
         load_adapter(model, adapter_path)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
-
-
-def quantize_base(
-    model: nn.Module, config: dict[str, Any], bits: int = 4, group_size: int = 64
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize a full-precision base in memory exactly as mlx-lm's convert would."""
-    import contextlib
-    import io
-
-    from mlx_lm.utils import quantize_model
-
-    with contextlib.redirect_stdout(io.StringIO()):  # its bits-per-weight line
-        return quantize_model(model, config, group_size=group_size, bits=bits)

@@ -3,12 +3,16 @@
 An FFN computes ``W_V · w(x)``: ``w(x)`` is the input of the down ("value") projection.
 A brace adds ``g · r(x)`` to that input, with ``r(x) = (R W_V)ᵀ (R x) / sqrt(rank)``,
 ``R`` a (rank, d) matrix with orthonormal rows and ``g = sigmoid(ĝ)`` a per-layer gate.
-The FFN's own code runs unchanged; only its down projection sees ``w + g·r``.
+The FFN's own code runs unchanged; only its down projection sees ``w + g·r`` (in
+training; at inference the same sum is a rank-``d_r`` branch added to its output).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -26,22 +30,33 @@ def linear_dims(layer: nn.Module) -> tuple[int, int]:
     return in_dims, out_dims
 
 
-def value_projection(down: nn.Module, R: mx.array) -> mx.array:
-    """``A = R W_V`` (rank, d_ff) without forming a dequantized copy of ``W_V``."""
+def _weight_matmul(down: nn.Module, X: mx.array, transpose: bool) -> mx.array:
+    """``X W_V`` (``X Wᵀ_V`` with ``transpose``), never dequantizing a quantized W_V."""
     if isinstance(down, nn.QuantizedLinear):
-        # W_V is stored (d, d_ff), quantized along d_ff: R (r, d) @ W_V (d, d_ff).
+        # W_V is stored (d, d_ff), quantized along d_ff.
         return mx.quantized_matmul(
-            R.astype(down.scales.dtype) if down.mode == "affine" else R,
+            X.astype(down.scales.dtype) if down.mode == "affine" else X,
             down.weight,
             down.scales,
             down.get("biases"),
-            transpose=False,
+            transpose=transpose,
             group_size=down.group_size,
             bits=down.bits,
             mode=down.mode,
         )
-    # Cast R (rank, d), not W_V: an fp32 copy of a bf16 W_V would live until backward.
-    return R.astype(down.weight.dtype) @ down.weight
+    # Cast X, not W_V: an fp32 copy of a bf16 W_V would live until backward.
+    W = down.weight
+    return X.astype(W.dtype) @ (W.T if transpose else W)
+
+
+def value_projection(down: nn.Module, R: mx.array) -> mx.array:
+    """``A = R W_V``: (rank, d) -> (rank, d_ff), without a dequantized copy of ``W_V``."""
+    return _weight_matmul(down, R, transpose=False)
+
+
+def output_projection(down: nn.Module, A: mx.array) -> mx.array:
+    """``A W_Vᵀ``: (rank, d_ff) -> (rank, d), the down projection's product, no bias."""
+    return _weight_matmul(down, A, transpose=True)
 
 
 def orthonormal_rows(rank: int, dims: int, key: mx.array | None = None) -> mx.array:
@@ -63,38 +78,42 @@ def polar(R: mx.array) -> mx.array:
     return R
 
 
-class _AddToInput(nn.Module):
-    """Stands in for the FFN's down projection: ``linear(w + delta)``.
+class _Pending:
+    """What the owning :class:`BracedFFN` adds during one call (a plain object)."""
 
-    ``delta`` is set by the owning :class:`BracedFFN` for the duration of one call;
-    ``record``, when a list, receives ``(w, delta)`` of every call (for inspection).
+    __slots__ = ("delta", "branch")
+
+    def __init__(self):
+        self.delta: mx.array | None = None  # (..., d_ff), added to the input
+        self.branch: tuple[mx.array, mx.array] | None = None  # (z, Bᵀ)
+
+
+class _AddToInput(nn.Module):
+    """Stands in for the FFN's down projection: ``linear(w + delta) + z Bᵀ``.
+
+    Set by the owning :class:`BracedFFN` for the duration of one call (in
+    ``pending``): ``delta`` (..., d_ff) is added to the input (training, inspection),
+    or ``branch`` ``(z, Bᵀ)`` adds the rank-``d_r`` term ``z Bᵀ`` (..., d) to the
+    output (inference). ``record``, when a list, receives ``(w, delta)`` of every
+    call (for inspection).
     """
 
     def __init__(self, linear: nn.Module):
         super().__init__()
         self.linear = linear
-        self.delta = None  # plain attributes: never part of the parameter tree
+        self.pending = _Pending()  # plain attributes: never part of the parameter tree
         self.record = None
 
     def __call__(self, w: mx.array) -> mx.array:
+        delta, branch = self.pending.delta, self.pending.branch
         if self.record is not None:
-            self.record.append((w, self.delta))
-        if self.delta is not None:
-            w = w + self.delta.astype(w.dtype)
-        return self.linear(w)
-
-
-class _ValueCache:
-    """Values derived from ``R``, ``W_V`` (...) kept while those arrays are unchanged.
-
-    Inference only; ``key`` holds the very arrays the values came from, so an optimizer
-    step or ``load_weights`` (which replace them) invalidates it.
-    """
-
-    def __init__(self):
-        self.key: tuple | None = None
-        self.A: mx.array | None = None
-        self.terms: tuple | None = None
+            self.record.append((w, delta))
+        if delta is not None:
+            w = w + delta.astype(w.dtype)
+        y = self["linear"](w)  # item access: Module.__getattr__ costs ~1 µs
+        if branch is not None:
+            y = mx.addmm(y, *branch)  # y + z Bᵀ: (..., rank) @ (rank, d)
+        return y
 
 
 def _concrete(value: Any) -> bool:
@@ -106,22 +125,51 @@ def _concrete(value: Any) -> bool:
     return True
 
 
-def _same(cached: tuple | None, key: tuple) -> bool:
-    """True if ``cached`` holds exactly the objects of ``key`` (identity, not value)."""
-    return (
-        cached is not None
-        and len(cached) == len(key)
-        and all(a is b for a, b in zip(cached, key))
-    )
+class _Memo:
+    """Inference values derived from arrays, each kept while those very arrays stay.
+
+    One rule for every entry: a value is served again only while every array it was
+    computed from (its key) is the same object (identity, not value). An optimizer
+    step, ``orthonormalize``, ``load_weights``, a new gate or new steering strengths
+    replace an array and so invalidate what came from it. Only concrete values are
+    kept, never an ``mx.compile`` tracer. Never consulted in train mode.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self):
+        self.entries: dict[Any, tuple[tuple, Any]] = {}
+
+    def get(self, name: Any, key: tuple, compute: Callable[[], Any]) -> Any:
+        hit = self.entries.get(name)
+        if (
+            hit is not None
+            and len(hit[0]) == len(key)
+            and all(map(operator.is_, hit[0], key))
+        ):
+            return hit[1]
+        value = compute()
+        if _concrete(value):
+            self.entries[name] = (key, value)
+        return value
+
+    def value(self, name: Any) -> Any:
+        """The value last kept under ``name`` (None if none)."""
+        hit = self.entries.get(name)
+        return None if hit is None else hit[1]
 
 
 class _Steering:
-    """Attribute strengths ``S`` and the cached ``S r_c`` (a plain object, no params)."""
+    """Attribute strengths ``S`` (a plain object, no params); ``term``: the kept offset."""
 
-    def __init__(self):
+    def __init__(self, memo: _Memo):
         self.strengths: mx.array | None = None  # (n_attr,) or (B, n_attr)
-        self.key: tuple[mx.array, ...] | None = None
-        self.term: mx.array | None = None
+        self._memo = memo
+
+    @property
+    def term(self) -> mx.array | None:
+        """The cached ``(S h_c) Rᵀ`` (see :meth:`BracedFFN.steering_offset`)."""
+        return self._memo.value("steering")
 
 
 class BracedFFN(nn.Module):
@@ -131,6 +179,11 @@ class BracedFFN(nn.Module):
     The wrapped FFN lives in ``ffn`` and is frozen. An optional conditional branch
     ``cond`` (see :mod:`mlx_braces.steering`) maps attributes to ``h_c`` (n_attr, d);
     with strengths ``S`` set, the update is ``g·(r(x) + S r_c)`` (METHOD.md §4).
+
+    In train mode the update is added to the down projection's input exactly as
+    written. At inference the same function runs as a rank-``d_r`` branch beside
+    the FFN: ``W_V·g·r(x) = (R x)·Bᵀ`` with ``B = g·W_V Aᵀ/sqrt(rank)`` (d, rank), and
+    ``r(x) + S r_c = r``-of-``(R x + (S h_c) Rᵀ)`` since ``r`` is linear in ``R x``.
     """
 
     def __init__(
@@ -156,9 +209,8 @@ class BracedFFN(nn.Module):
         self.hidden_dims = d_ff
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
-        self._cache = _ValueCache()
-        self._fast = _ValueCache()
-        self._steering = _Steering()
+        self._memo = _Memo()
+        self._steering = _Steering(self._memo)
 
     @property
     def down(self) -> nn.Module:
@@ -169,17 +221,15 @@ class BracedFFN(nn.Module):
     def g(self) -> mx.array:
         return mx.sigmoid(self.gate)
 
+    def _memoized(self, name: Any, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept in the memo under ``key`` outside training."""
+        return compute() if self.training else self._memo.get(name, key, compute)
+
     def value_projection(self) -> mx.array:
         """``A = R W_V`` (rank, d_ff); cached outside training until R or W_V change."""
-        down = self.down
-        key = (self.R, down.weight)
-        cache = self._cache
-        if not self.training and _same(cache.key, key):
-            return cache.A
-        A = value_projection(down, self.R)
-        if not self.training and _concrete(A):
-            cache.key, cache.A = key, A
-        return A
+        down, R = self.down, self.R
+        key = (R, *_weight_arrays(down))
+        return self._memoized("A", key, lambda: value_projection(down, R))
 
     def relevance(self, x: mx.array) -> mx.array:
         """``r(x) = (x Rᵀ) A / sqrt(rank)``: (..., d) -> (..., d_ff)."""
@@ -209,68 +259,98 @@ class BracedFFN(nn.Module):
         return self.relevance(self.cond())
 
     def steering_term(self) -> mx.array:
-        """``S r_c``: (d_ff,) or (B, d_ff) fp32; cached outside training."""
-        state = self._steering
-        key = (self.R, self.down.weight, state.strengths, *self.cond.arrays())
-        if not self.training and _same(state.key, key):
-            return state.term
-        term = state.strengths.astype(mx.float32) @ self.attribute_relevance()
-        if not self.training and _concrete(term):
-            state.key, state.term = key, term
-        return term
+        """``S r_c``: (d_ff,) or (B, d_ff) fp32 (the training path's form)."""
+        return self._steering.strengths.astype(mx.float32) @ self.attribute_relevance()
 
-    def _inference_terms(self, dtype: mx.Dtype) -> tuple | None:
-        """``(Rᵀ, g·A/sqrt(rank), g·S r_c or None)`` in ``dtype``, cached for decoding.
-
-        Folding the gate, scale and casts in once leaves two small matmuls per token.
-        None where values cannot be made concrete (inside ``mx.compile``).
-        """
-        strengths = self._steering.strengths
-        term = None if strengths is None else self.steering_term()
-        key = (self.R, self.down.weight, self.gate, term)
-        fast = self._fast
-        if _same(fast.key, key) and fast.terms[0].dtype == dtype:
-            return fast.terms
-        g = self.g
-        terms = (
-            self.R.T.astype(dtype),  # (d, rank)
-            ((g / math.sqrt(self.rank)) * self.value_projection()).astype(dtype),
-            None if term is None else (g * term).astype(dtype),  # (d_ff,)
-        )
-        if not _concrete(terms):
+    def steering_offset(self) -> mx.array | None:
+        """``(S h_c) Rᵀ``: (rank,) or (B, rank) fp32, None unsteered; cached outside
+        training. ``S r_c`` is exactly the relevance of this offset of ``R x``."""
+        S = self._steering.strengths
+        if S is None:
             return None
-        fast.key, fast.terms = key, terms
-        return terms
+        cond, R = self["cond"], self["R"]
+        return self._memoized(
+            "steering",
+            (R, S, *_leaf_arrays(cond)),
+            lambda: (S.astype(mx.float32) @ cond()) @ R.T,
+        )
+
+    def _inference_terms(
+        self, dtype: mx.Dtype, output_side: bool, down: nn.Module
+    ) -> tuple[mx.array, mx.array]:
+        """``(Rᵀ, Bᵀ = g·A W_Vᵀ/sqrt(rank))``, or with ``output_side`` False
+        ``(Rᵀ, g·A/sqrt(rank))``, in ``dtype``: (d, rank), (rank, d or d_ff)."""
+        R, gate = self["R"], self["gate"]
+
+        def compute() -> tuple[mx.array, mx.array]:
+            M = self.value_projection()  # (rank, d_ff)
+            if output_side:
+                M = output_projection(down, M)  # (rank, d)
+            scale = mx.sigmoid(gate) * (1.0 / math.sqrt(self.rank))
+            return R.T.astype(dtype), (scale * M.astype(mx.float32)).astype(dtype)
+
+        key = (R, gate, *_weight_arrays(down))
+        return self._memo.get((output_side, dtype), key, compute)
 
     def _delta(self, x: mx.array) -> mx.array:
         """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff)."""
-        strengths = self._steering.strengths
-        if not self.training and (strengths is None or strengths.ndim == 1):
-            terms = self._inference_terms(x.dtype)
-            if terms is not None:
-                Rt, Ag, bias = terms
-                delta = (x @ Rt) @ Ag
-                return delta if bias is None else delta + bias
         r = self.relevance(x)
-        if strengths is not None:
+        if self._steering.strengths is not None:
             term = self.steering_term()  # (d_ff,) or (B, d_ff): constant over tokens
-            if term.ndim == 2:
-                if term.shape[0] != x.shape[0]:
-                    raise ValueError(
-                        f"steering has {term.shape[0]} rows of strengths but the "
-                        f"batch has {x.shape[0]} rows"
-                    )
-                term = term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
-            r = r + term.astype(x.dtype)
+            r = r + _per_row(term, x).astype(x.dtype)
         return self.g.astype(x.dtype) * r
 
     def __call__(self, x: mx.array, *args, **kwargs) -> Any:
-        inject = getattr(self.ffn, self.down_name)
-        inject.delta = self._delta(x)
+        # Per layer and token: item access (self["ffn"]), not Module.__getattr__.
+        ffn = self["ffn"]
+        inject = ffn[self.down_name]
+        pending = inject.pending
+        if self.training:
+            pending.delta = self._delta(x)
+        else:
+            output_side = inject.record is None  # inspection reads the input's delta
+            Rt, M = self._inference_terms(x.dtype, output_side, inject["linear"])
+            if self._steering.strengths is None:
+                z = x @ Rt  # (..., rank)
+            else:
+                offset = _per_row(self.steering_offset(), x).astype(x.dtype)
+                z = mx.addmm(offset, x, Rt)  # R x + (S h_c) Rᵀ
+            if output_side:
+                pending.branch = (z, M)
+            else:
+                pending.delta = z @ M
         try:
-            return self.ffn(x, *args, **kwargs)
+            return ffn(x, *args, **kwargs)
         finally:
-            inject.delta = None
+            pending.delta = pending.branch = None
+
+
+def _weight_arrays(down: nn.Module) -> tuple[mx.array | None, ...]:
+    """The arrays ``W_V`` is made of (a quantized one has scales and biases)."""
+    return down["weight"], down.get("scales"), down.get("biases")
+
+
+def _leaf_arrays(tree: dict | list) -> list[mx.array]:
+    """Every array in a module's tree (a quicker walk than ``tree_flatten``)."""
+    out = []
+    for v in tree.values() if isinstance(tree, dict) else tree:
+        if isinstance(v, mx.array):
+            out.append(v)
+        elif isinstance(v, (dict, list, tuple)):
+            out.extend(_leaf_arrays(v))
+    return out
+
+
+def _per_row(term: mx.array, x: mx.array) -> mx.array:
+    """A (n,) term as is; a (B, n) one reshaped to broadcast over ``x``'s rows."""
+    if term.ndim == 1:
+        return term
+    if term.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"steering has {term.shape[0]} rows of strengths but the "
+            f"batch has {x.shape[0]} rows"
+        )
+    return term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
 
 
 # ---------------------------------------------------------------------------
@@ -362,6 +442,28 @@ def apply_braces(
     Every base weight is frozen; only the braces' ``R`` and ``gate`` are trainable.
     ``R`` is drawn from ``seed`` (or MLX's global random state). Returns ``model``.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model must be an mlx.nn.Module (an mlx-lm model), got "
+            f"{type(model).__name__}"
+        )
+    if (
+        isinstance(gate_init, bool)
+        or not isinstance(gate_init, numbers.Real)
+        or math.isnan(gate_init)
+        or gate_init == math.inf
+    ):
+        raise ValueError(
+            "gate_init must be a finite number or -inf (a closed gate, g = 0), "
+            f"got {gate_init!r}"
+        )
+    gate_init = float(gate_init)
+    if seed is not None and (
+        isinstance(seed, bool)
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= seed < 2**64
+    ):
+        raise ValueError(f"seed must be None or an integer in 0..2**64-1, got {seed!r}")
     if braced_layers(model):
         raise ValueError("Model is already braced; load a fresh model to brace again.")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
@@ -370,10 +472,15 @@ def apply_braces(
     n = len(ffns)
     if num_layers == -1:
         num_layers = n
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= n:
+    if (
+        isinstance(num_layers, bool)
+        or not isinstance(num_layers, numbers.Integral)
+        or not 1 <= num_layers <= n
+    ):
         raise ValueError(
             f"num_layers must be -1 (all) or in 1..{n} for this model, got {num_layers!r}"
         )
+    num_layers = int(num_layers)
     for _, _, ffn, down in ffns:
         d_ff, d = linear_dims(getattr(ffn, down))
         if rank > d:

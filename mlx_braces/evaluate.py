@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -34,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ._version import __version__
+from .quantize import add_dequantize_argument
 
 # The Stanford Alpaca template. LLM-Adapters' and DoRA's scripts use the same words
 # but indent every line after the first by 16 spaces (and beam-search 4 at evaluation);
@@ -585,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-samples", action="store_true", help="Keep per-item outputs in --output"
     )
+    add_dequantize_argument(p, "Evaluate")
     return p
 
 
@@ -633,16 +636,36 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _check_args(p, args)
     try:
+        if args.output:
+            check_output(args.output)  # before the work, not after it
         results = run(args)
+        _print_table(results)
+        if args.output:
+            try:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                with open(args.output, "w") as f:
+                    json.dump(results, f, indent=2)
+            except OSError as e:
+                raise EvalError(f"--output {args.output}: cannot write ({e})") from None
+            print(f"Wrote {args.output}")
     except ValueError as e:  # EvalError, AdapterError and mlx-lm's data errors
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
-    _print_table(results)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"Wrote {args.output}")
+
+
+def check_output(path: str | Path) -> None:
+    """Raise EvalError unless ``path`` can be written as a results file."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvalError(
+            f"--output {path}: is a folder; give a file name, e.g. "
+            f"{path / 'results.json'}"
+        )
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise EvalError(f"--output {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise EvalError(f"--output {path}: cannot write in {parent}")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -660,7 +683,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval"
             ) from None
     mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+    model, tokenizer = load(
+        args.model,
+        adapter_path=args.adapter_path,
+        dequantize=getattr(args, "dequantize", None) or False,
+    )
     results: dict[str, Any] = {
         "model": args.model,
         "adapter_path": args.adapter_path,

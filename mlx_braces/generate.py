@@ -25,11 +25,13 @@ import mlx.nn as nn
 from .adapters import (
     CONFIG_NAME,
     AdapterError,
+    check_base_gguf,
     is_braces_adapter,
     load,
     load_adapter,
-    read_config,
+    recorded_model,
 )
+from .quantize import add_dequantize_argument
 
 # The module itself: `import mlx_lm.generate` gives the function of that name.
 _mlx = importlib.import_module("mlx_lm.generate")
@@ -80,8 +82,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest == "model":
             action.help = (
-                "The path to the local model directory or Hugging Face repo. Default: "
-                "the base model recorded in the adapter, else the embedded stories260K."
+                "The path to the local model directory or Hugging Face repo, a named "
+                "model (smollm2-135m-instruct, gemma-3-270m, stories260k) or a "
+                "FILE.gguf. Default: the base model recorded in the adapter, else the "
+                "embedded stories260K."
             )
         elif action.dest == "prompt":  # None: resolved in main (see EMBEDDED_PROMPT)
             action.default = None
@@ -106,6 +110,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Print the base model's output first, then the adapter's.",
     )
+    add_dequantize_argument(parser, "Generate with")
     return parser
 
 
@@ -115,7 +120,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if quickstart and (Path(DEFAULT_ADAPTER) / CONFIG_NAME).is_file():
         args.adapter_path, args.compare = DEFAULT_ADAPTER, True
     if args.model is None and args.adapter_path is not None:
-        args.model = read_config(args.adapter_path).get("model")
+        args.model = recorded_model(args.adapter_path)
         if not args.model:
             raise AdapterError(
                 f"{Path(args.adapter_path) / CONFIG_NAME}: records no base model "
@@ -124,7 +129,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.model is None:
         args.model = str(EMBEDDED_MODEL)
     if args.prompt is None:
-        embedded = Path(args.model).resolve() == EMBEDDED_MODEL.resolve()
+        embedded = args.model.lower() == "stories260k" or (
+            Path(args.model).resolve() == EMBEDDED_MODEL.resolve()
+        )
         args.prompt = EMBEDDED_PROMPT if embedded else _mlx.DEFAULT_PROMPT
     if quickstart and args.adapter_path is not None and args.verbose:
         print(
@@ -187,6 +194,7 @@ def run(args: argparse.Namespace, steering: dict[str, float] | None = None) -> N
     models = {}
 
     def loader(path, adapter_path=None, braced=True, **kwargs):
+        kwargs["dequantize"] = getattr(args, "dequantize", None) or False
         if adapter_path is None:  # no adapter, or mlx-lm loading the draft model
             return load(path, **kwargs)
         if not args.compare:
@@ -203,6 +211,8 @@ def run(args: argparse.Namespace, steering: dict[str, float] | None = None) -> N
             steer(out[0], steering)
         return out
 
+    if args.compare and args.adapter_path is not None:  # before loading the base
+        check_base_gguf(args.adapter_path, args.model)
     if not args.compare:
         run_mlx_main(args, loader)
         return

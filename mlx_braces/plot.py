@@ -60,12 +60,16 @@ def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     lines must carry finite numbers under their keys. Errors name ``file:line``.
     """
     file = Path(path)
+    current = file
     if file.is_dir():
+        from .commit import resolve
+
         file = file / METRICS_NAME
-    if not file.is_file():
+        current = resolve(file.parent, METRICS_NAME)  # through a cut commit's journal
+    if not current.is_file():
         raise MetricsError(f"{file}: not found (train with mlx_braces.train first)")
     reports: dict[str, list[dict[str, Any]]] = {}
-    with open(file) as f:
+    with open(current) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -154,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or (path if path.is_dir() else path.parent) / "metrics.png"
     try:
         require_matplotlib("mlx_braces.plot")
+        if Path(output).is_dir():
+            raise MetricsError(
+                f"{output}: is a folder; give a file name, e.g. {Path(output) / 'metrics.png'}"
+            )
         reports = read_metrics(path)
         try:
             plot_metrics(reports, output)

@@ -19,8 +19,16 @@ from typing import Any
 
 import mlx_lm.server as _mlx
 
-from .adapters import AdapterError, is_braces_adapter, read_config
+from .adapters import (
+    AdapterError,
+    ModelLoadError,
+    check_base_gguf,
+    check_model_available,
+    is_braces_adapter,
+    recorded_model,
+)
 from .adapters import load as braces_load
+from .models import ModelError, resolve_model
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,13 @@ class ModelProvider(_mlx.ModelProvider):
 
     def __init__(self, cli_args):
         if cli_args.model is None and cli_args.adapter_path is not None:
-            cli_args.model = read_config(cli_args.adapter_path).get("model")
+            cli_args.model = recorded_model(cli_args.adapter_path)
         if cli_args.adapter_path is not None:
             is_braces_adapter(cli_args.adapter_path)  # a bad config fails at startup
+        if cli_args.model is not None:  # fetch/convert a named model or .gguf now
+            if cli_args.adapter_path is not None:
+                check_base_gguf(cli_args.adapter_path, cli_args.model)
+            check_model_available(resolve_model(cli_args.model))
         super().__init__(cli_args)
         self._steering = ()
 
@@ -98,7 +110,7 @@ def main() -> None:
     _mlx._run_http_server = functools.partial(saved[2], handler_class=APIHandler)
     try:
         _mlx.main()
-    except AdapterError as e:
+    except (AdapterError, ModelError, ModelLoadError) as e:
         raise SystemExit(f"Error: {e}") from None
     finally:
         _mlx.load, _mlx.ModelProvider, _mlx._run_http_server = saved

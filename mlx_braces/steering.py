@@ -377,6 +377,18 @@ def strengths_array(
     strengths: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None,
 ) -> mx.array | None:
     """The layers' ``S`` for ``strengths``: (n_attr,), or (B, n_attr) for one per row."""
+    if not isinstance(model, nn.Module):
+        raise SteeringError(
+            f"model must be an mlx.nn.Module (a braced model), got {type(model).__name__}"
+        )
+    if strengths is not None and (
+        isinstance(strengths, (str, bytes))
+        or not isinstance(strengths, (Mapping, list, tuple))
+    ):
+        raise SteeringError(
+            "steering strengths must be a mapping attribute -> number (e.g. "
+            f"{{'positive': 2.0}}), a list of them, or None; got {strengths!r}"
+        )
     if not strengths:
         return None
     names = attribute_names(model)

@@ -26,14 +26,29 @@ import numpy as np
 import yaml
 from mlx_lm.cli_ui import rprint
 
-from .adapters import WEIGHTS_NAME, AdapterError, load_adapter, quantize_base
+from .adapters import (
+    WEIGHTS_NAME,
+    AdapterError,
+    check_base_gguf,
+    load_adapter,
+)
 from .braces import apply_braces, print_trainable_parameters
+from .quantize import (
+    QuantizeError,
+    add_dequantize_argument,
+    dequantize_dtype,
+    dequantize_model,
+    dtype_name,
+    is_quantized,
+    quantize_base,
+)
 from .trainer import (
     METRICS_NAME,
     Callbacks,
     TrainingArgs,
     TrainingError,
     TrainingInterrupted,
+    check_adapter_folder,
     default_loss,
     evaluate,
     iterate_batches,
@@ -105,6 +120,8 @@ CONFIG_DEFAULTS = {
     "report_to": None,
     "project_name": None,
     "trust_remote_code": False,
+    "dequantize": None,
+    "overwrite": False,
 }
 
 # With no --model: a run of the embedded model that ends within a minute on 2 cores,
@@ -155,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         type=str,
-        help="The path to the local model directory or Hugging Face repo "
+        help="The path to the local model directory or Hugging Face repo, a named "
+        "model (smollm2-135m-instruct, gemma-3-270m, stories260k) or a FILE.gguf "
         "(default: the embedded stories260K, quantized to 4 bits).",
     )
     parser.add_argument(
@@ -249,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-path", type=str, help="Save/load path for the fine-tuned weights."
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="Replace an adapter of another kind (e.g. mlx-lm LoRA) in --adapter-path.",
+    )
+    parser.add_argument(
         "--save-every", type=int, help="Save the model every N iterations."
     )
     parser.add_argument(
@@ -298,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Enable trusting remote code for tokenizer/model loading.",
     )
+    add_dequantize_argument(parser, "Train on")
     return parser
 
 
@@ -310,7 +335,10 @@ def _read_yaml(file: str) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"{file}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"{file}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise UsageError(f"{file}: not valid YAML{where} ({why})") from None
     if config is None:
         return {}
     if not isinstance(config, dict):
@@ -351,7 +379,11 @@ def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
     ie, ii = level.get("epochs", 0), level.get("iters", 0)
     if ie and ie == ii:
         where = "on the command line" if ie == 2 else f"in {cli['config']}"
-        raise UsageError(f"Give iters or epochs, not both ({where}).")
+        raise UsageError(
+            f"Give iters or epochs, not both ({where})."
+            if ie == 2
+            else f"{cli['config']}: give iters or epochs, not both."
+        )
     if ie < ii:
         args["epochs"] = None
     if args.get("model") is None:
@@ -364,7 +396,7 @@ def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
     if not args["train"] and not args["test"]:
         args["train"] = True
     args = types.SimpleNamespace(**args)
-    _check_args(args)
+    _check_args(args, from_yaml)
     return args
 
 
@@ -403,25 +435,92 @@ CHECKS = [  # (options, test, what they must be)
         lambda v: isinstance(v, str) and v.lower() in OPTIMIZERS,
         f"one of {', '.join(OPTIMIZERS)}",
     ),
-    (("optimizer_config",), lambda v: isinstance(v, dict), "a mapping"),
+    (
+        ("optimizer_config",),
+        lambda v: (
+            isinstance(v, dict)
+            and all(s is None or isinstance(s, dict) for s in v.values())
+        ),
+        "a mapping of optimizer name -> settings",
+    ),
     (
         ("lr_schedule",),
         lambda v: v is None or isinstance(v, dict),
         "a mapping (name, arguments, warmup)",
     ),
+    (
+        (
+            "train",
+            "test",
+            "resume",
+            "mask_prompt",
+            "grad_checkpoint",
+            "trust_remote_code",
+            "overwrite",
+        ),
+        lambda v: isinstance(v, bool),
+        "true or false",
+    ),
+    (
+        (
+            "model",
+            "data",
+            "adapter_path",
+            "resume_adapter_file",
+            "attributes",
+            "report_to",
+            "project_name",
+            "prompt_feature",
+            "completion_feature",
+            "text_feature",
+            "chat_feature",
+        ),
+        lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+        "a non-empty string",
+    ),
+    (
+        ("clear_cache_threshold",),
+        lambda v: _is_int(v) and v >= 0,
+        "a size in bytes (e.g. 1GB, or an integer >= 0)",
+    ),
+    (
+        ("hf_dataset",),
+        lambda v: v is None or isinstance(v, (dict, list)),
+        "a mapping (or a list of them) as mlx-lm reads it",
+    ),
 ]
 
 
-def _check_args(args: types.SimpleNamespace) -> None:
-    """Types and ranges of the options (YAML values reach here unchecked)."""
-    where = f" (in {args.config} or on the command line)" if args.config else ""
+def _check_args(args: types.SimpleNamespace, from_yaml: set[str] = frozenset()) -> None:
+    """Types and ranges of every option; a YAML value's error names its file."""
+    from mlx_lm.utils import _parse_size
+
+    size = getattr(args, "clear_cache_threshold", None)
+    if "clear_cache_threshold" in from_yaml and isinstance(size, str):
+        with contextlib.suppress(Exception):  # _parse_size: decimal errors too
+            args.clear_cache_threshold = _parse_size(size)
     for keys, ok, what in CHECKS:
         for k in keys:
-            if not ok(getattr(args, k)):
-                flag = k.replace("_", "-")
+            if not hasattr(args, k) or ok(getattr(args, k)):
+                continue
+            value = getattr(args, k)
+            flag = k.replace("_", "-")
+            if k in from_yaml:
+                hint = ""
+                if what == "true or false" and str(value).lower() in ("true", "false"):
+                    hint = " (a string: write it without quotes)"
                 raise UsageError(
-                    f"{k} (--{flag}) must be {what}, got {getattr(args, k)!r}{where}"
+                    f"{args.config}: {k} (--{flag}) must be {what}, got {value!r}{hint}"
                 )
+            raise UsageError(
+                f"{k} (--{flag}) must be {what}, got {value!r} (on the command line)"
+            )
+    try:
+        dtype = dequantize_dtype(getattr(args, "dequantize", None))
+    except QuantizeError as e:
+        where = f"{args.config}: " if "dequantize" in from_yaml else ""
+        raise UsageError(f"{where}{e} (--dequantize)") from None
+    args.dequantize = None if dtype is None else dtype_name(dtype)
     if args.resume and args.resume_adapter_file:
         raise UsageError(
             "Give --resume (exact, from --adapter-path) or --resume-adapter-file, not both."
@@ -440,7 +539,12 @@ def load_model(args) -> tuple[nn.Module, Any]:
     """mlx_lm.load of --model; the embedded model is quantized to 4 bits first."""
     from mlx_lm import load
 
-    path = args.model or str(EMBEDDED_MODEL)
+    from .models import resolve_model
+
+    try:  # a named model or .gguf: fetched/converted once into the cache
+        path = resolve_model(args.model) if args.model else str(EMBEDDED_MODEL)
+    except ValueError as e:  # ModelError, one line
+        raise UsageError(str(e)) from None
     if _looks_local(path) and not Path(path).expanduser().exists():
         raise UsageError(f"--model {path}: no such folder")
     try:
@@ -451,9 +555,17 @@ def load_model(args) -> tuple[nn.Module, Any]:
             return_config=True,
         )
     except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {path}: {e}") from None
+        from .adapters import model_load_message
+
+        raise UsageError(model_load_message(path, e)) from None
     if args.model is None:
         model = quantize_embedded(model, config)
+    if args.dequantize:
+        if not is_quantized(model):
+            what = args.model or "the embedded model"
+            rprint(f"Note: --dequantize: {what} has no quantized layers.")
+        dequantize_model(model, args.dequantize)
+        rprint(f"Dequantized the quantized layers to {args.dequantize} in memory.")
     return model, tokenizer
 
 
@@ -698,7 +810,9 @@ def build_optimizer(args) -> optim.Optimizer:
     from mlx_lm.tuner.utils import build_schedule
 
     lr = args.learning_rate
+    where = f"{args.config}: " if getattr(args, "config", None) else ""
     if args.lr_schedule:
+        _check_schedule(args.lr_schedule, where)
         try:
             lr = build_schedule(args.lr_schedule)
         except (KeyError, AttributeError, TypeError, IndexError) as e:
@@ -716,10 +830,51 @@ def build_optimizer(args) -> optim.Optimizer:
         "adafactor": optim.Adafactor,
     }
     settings = (args.optimizer_config or {}).get(name) or {}
+    for k, v in settings.items():
+        numbers = v if isinstance(v, (list, tuple)) else [v]
+        if not numbers or not all(_is_number(x) for x in numbers):
+            raise UsageError(
+                f"{where}optimizer_config.{name}.{k} must be a number (or a list of "
+                f"numbers), got {v!r}"
+            )
     try:
         return classes[name](learning_rate=lr, **settings)
     except TypeError as e:
         raise UsageError(f"optimizer_config.{name}: {e}") from None
+
+
+def _check_schedule(schedule: dict[str, Any], where: str) -> None:
+    """mlx-lm's lr_schedule keys, with their types (a string would fail mid-run)."""
+    name, arguments = schedule.get("name"), schedule.get("arguments")
+    if (
+        not isinstance(name, str)
+        or name.startswith("_")
+        or not hasattr(optim.schedulers, name)
+    ):
+        raise UsageError(
+            f"{where}lr_schedule.name must name an mlx.optimizers schedule (e.g. "
+            f"cosine_decay, linear_schedule), got {name!r}"
+        )
+    if not isinstance(arguments, list) or not all(map(_is_number, arguments)):
+        raise UsageError(
+            f"{where}lr_schedule.arguments must be a list of numbers, got {arguments!r}"
+        )
+    warmup = schedule.get("warmup", 0)
+    if not _is_int(warmup) or warmup < 0:
+        raise UsageError(
+            f"{where}lr_schedule.warmup must be an integer >= 0, got {warmup!r}"
+        )
+    init = schedule.get("warmup_init", 0.0)
+    if not _is_number(init):
+        raise UsageError(
+            f"{where}lr_schedule.warmup_init must be a number, got {init!r}"
+        )
+    unknown = sorted(set(schedule) - {"name", "arguments", "warmup", "warmup_init"})
+    if unknown:
+        raise UsageError(
+            f"{where}lr_schedule: unknown key(s) {', '.join(map(str, unknown))}; known: "
+            "name, arguments, warmup, warmup_init"
+        )
 
 
 def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
@@ -790,7 +945,13 @@ def train_model(
 
     adapter_path = Path(args.adapter_path)
     settings = {k: v for k, v in vars(args).items() if k not in IGNORED_KEYS}
+    # The base stays the quantized model; the dtype it was trained in is information.
+    settings["dequantized"] = settings.pop("dequantize", None)
     settings["model"] = args.model or str(EMBEDDED_MODEL)
+    if args.model is not None:  # a GGUF base: absolute path, base_gguf_sha256
+        from .models import model_record
+
+        settings.update(model_record(args.model))
     if args.model is None:
         settings["base_quantization"] = {"bits": 4, "group_size": 64}
     training_args = TrainingArgs(
@@ -807,6 +968,7 @@ def train_model(
         clear_cache_threshold=args.clear_cache_threshold,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
         adapter_config=_json_safe(settings),
     )
     return train(
@@ -849,8 +1011,16 @@ def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = Non
         row = {"type": "test", "test_loss": test_loss, "test_ppl": test_ppl}
         if iteration is not None:
             row["iteration"] = iteration
-        with open(folder / METRICS_NAME, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        from .commit import resolve
+
+        try:
+            with open(resolve(folder, METRICS_NAME), "a") as f:  # append: nothing lost
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a read-only adapter folder: the result is printed
+            rprint(
+                f"Warning: cannot add the test result to {folder / METRICS_NAME} "
+                f"({e.strerror})"
+            )
     return test_loss
 
 
@@ -870,7 +1040,13 @@ def run(args, training_callback=None) -> None:
         raise UsageError(f"--report-to {args.report_to}: {e}") from None
     training_callback = Callbacks(reporting, training_callback)
 
+    if args.train and mx.distributed.init().rank() == 0:  # before the work: one line
+        check_adapter_folder(args.adapter_path, args.resume, args.overwrite)
+    if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
+        raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: not found")
     rprint("Loading pretrained model")
+    if args.adapter_path and (args.resume or not args.train):
+        check_base_gguf(args.adapter_path, args.model)  # same GGUF it was trained on
     model, tokenizer = load_model(args)
     rprint("Loading datasets")
     train_set, valid_set, test_set = load_datasets(args, tokenizer)

@@ -4,6 +4,11 @@
 and adds what a long run needs: a retraction of every ``R`` after each update, atomic
 checkpoints that resume bit for bit (weights, optimizer and schedule state, data
 position), a clean stop on a non-finite loss, and a checkpoint on Ctrl-C.
+
+Nothing in the adapter folder changes before the run's first checkpoint; each
+checkpoint replaces config, weights, resume state and metrics together
+(:mod:`mlx_braces.commit`), so a failure or ``kill -9`` at any instant leaves the
+folder's previous adapter or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import inspect
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -32,16 +38,17 @@ from mlx_lm.tuner.trainer import TrainingArgs as _TrainingArgs
 from mlx_lm.tuner.trainer import _clear_cache, evaluate, grad_checkpoint
 from mlx_lm.tuner.trainer import iterate_batches as _pad_batches
 
+from . import commit
 from .adapters import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    _atomic_write,
     adapter_parameters,
     braces_config,
-    save_config,
-    save_weights,
+    write_config,
+    write_weights,
 )
 from .braces import braced_layers, orthonormalize
+from .commit import kill_point, resolve
 
 RESUME_NAME = "resume.safetensors"
 METRICS_NAME = "metrics.jsonl"
@@ -55,6 +62,7 @@ __all__ = [
     "TrainingArgs",
     "TrainingError",
     "TrainingInterrupted",
+    "check_adapter_folder",
     "default_loss",
     "evaluate",
     "iterate_batches",
@@ -107,6 +115,10 @@ class TrainingArgs(_TrainingArgs):
     adapter_config: dict = field(
         default_factory=dict,
         metadata={"help": "Extra fields for adapter_config.json (model, settings)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace an adapter of another kind in the adapter folder."},
     )
 
 
@@ -244,21 +256,71 @@ def load_weights_file(model: nn.Module, file: str | Path) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
-def _save_resume(
-    file: Path, model, optimizer, grad_accum, info: dict[str, Any]
-) -> None:
-    """One safetensors file with everything a resume needs: the commit point."""
+def _resume_writer(model, optimizer, grad_accum, info: dict[str, Any]):
+    """Writes one safetensors file with everything a resume needs."""
     arrays = {f"adapter.{k}": v for k, v in adapter_parameters(model).items()}
     arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     if grad_accum is not None:
         arrays.update({f"grad_accum.{k}": v for k, v in tree_flatten(grad_accum)})
     mx.eval(arrays)
     meta = {_RESUME_KEY: json.dumps(info), "format": "mlx"}
-    _atomic_write(file, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+    return lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=meta)
+
+
+def check_adapter_folder(
+    folder: str | Path, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse, before any work, an adapter folder training cannot use or would damage.
+
+    It must be a writable folder (created if missing); with ``resume`` it must hold a
+    resume checkpoint; an adapter of another kind (e.g. mlx-lm LoRA) in it is only
+    replaced with ``overwrite``. Raises TrainingError naming the path.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(
+            f"{folder}: is a file, not a folder (the adapter path names a folder)"
+        )
+    if resume and not resolve(folder, RESUME_NAME).is_file():
+        raise TrainingError(
+            f"{folder / RESUME_NAME}: not found, nothing to resume (train once "
+            "without --resume, or point --adapter-path at the folder of the run to "
+            "continue)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        commit.temp_path(folder, "write_test.tmp").unlink()
+    except OSError as e:
+        raise TrainingError(
+            f"{folder}: cannot write there ({e.strerror or e}); choose another "
+            "--adapter-path"
+        ) from None
+    config = resolve(folder, CONFIG_NAME)
+    if overwrite or resume:
+        return
+    if config.is_file():
+        try:
+            kind = json.loads(config.read_text()).get("fine_tune_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            kind = "unreadable"
+        if kind != "braces":
+            raise TrainingError(
+                f"{folder / CONFIG_NAME}: the folder holds a {kind} adapter, not "
+                "braces; training would replace it: pass --overwrite, or choose "
+                "another --adapter-path"
+            )
+    elif resolve(folder, WEIGHTS_NAME).is_file():
+        raise TrainingError(
+            f"{folder / WEIGHTS_NAME}: an adapter without {CONFIG_NAME} (not one "
+            "mlx_braces wrote); training would replace it: pass --overwrite, or "
+            "choose another --adapter-path"
+        )
 
 
 def _load_resume(model, optimizer, file: Path):
     """Restore weights and optimizer state from ``file``; returns (info, grad_accum)."""
+    name = file.name
+    file = resolve(file.parent, name)  # the current checkpoint, if a commit was cut
     if not file.is_file():
         raise TrainingError(
             f"{file}: not found, nothing to resume (train once without --resume, "
@@ -304,27 +366,42 @@ def _load_resume(model, optimizer, file: Path):
 class MetricsWriter(TrainingCallback):
     """Appends every report to ``metrics.jsonl`` (mlx-lm's keys plus ``type``).
 
-    On resume, entries past the checkpoint's iteration (logged by the interrupted
-    run after its last save) are dropped so the file reads as one run.
+    Until the run's first checkpoint the reports are kept in memory: that checkpoint
+    replaces the file (``writer()``), so a run that fails before it leaves the old
+    file as it was. On resume, entries past the checkpoint's iteration (logged by
+    the interrupted run after its last save) are dropped so the file reads as one run.
     """
 
     def __init__(self, file: Path, start: int, resume: bool):
         self.file = file
-        lines = []
-        if resume and file.is_file():
-            with open(file) as f:
+        self.pending: list[str] | None = []  # None once the file is this run's
+        current = resolve(file.parent, file.name)
+        if resume and current.is_file():
+            with open(current) as f:
                 for line in f:
                     with contextlib.suppress(ValueError):
                         if json.loads(line).get("iteration", 0) <= start:
-                            lines.append(line)
-        _atomic_write(file, lambda tmp: Path(tmp).write_text("".join(lines)))
+                            self.pending.append(line)
+
+    def writer(self):
+        """For the first checkpoint's commit: writes the file as this run has it."""
+        text = "".join(self.pending or [])
+        return lambda tmp: Path(tmp).write_text(text)
+
+    def committed(self) -> None:
+        """The file is this run's now: append to it from here on."""
+        self.pending = None
 
     def write(self, kind: str, info: dict[str, Any]) -> None:
         row = {"type": kind}
         for k, v in info.items():
             row[k] = v.item() if isinstance(v, mx.array) else v
+        line = json.dumps(row) + "\n"
+        if self.pending is not None:
+            self.pending.append(line)
+            return
         with open(self.file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line)
 
     def on_train_loss_report(self, train_info: dict):
         self.write("train", train_info)
@@ -445,14 +522,66 @@ def train(
     ``iterate_batches``/``loss`` may be replaced (e.g. to add per-example labels:
     the loop calls ``loss(model, *batch)``). Raises TrainingError on a NaN/inf loss
     and TrainingInterrupted after saving on Ctrl-C.
+
+    The folder is locked while the run lasts and changes only at checkpoints, each
+    committed whole (:mod:`mlx_braces.commit`); an adapter of another kind in it is
+    only replaced with ``args.overwrite``.
     """
     args = args or TrainingArgs()
-    world = mx.distributed.init()
-    world_size, rank = world.size(), world.rank()
     if not braced_layers(model):
         raise TrainingError("Model has no braced layers: call apply_braces first.")
     if args.grad_accumulation_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
+    folder = Path(args.adapter_file).parent
+    rank = mx.distributed.init().rank()
+    if rank == 0:
+        check_adapter_folder(folder, args.resume, args.overwrite)
+    try:
+        with commit.locked(folder) if rank == 0 else contextlib.nullcontext():
+            return _train(
+                model,
+                optimizer,
+                train_dataset,
+                val_dataset,
+                args,
+                loss,
+                iterate_batches,
+                training_callback,
+            )
+    except commit.CommitError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _save_failed(folder: Path, it: int, error: Exception) -> str:
+    """One line for a checkpoint that could not be written (disk full, read-only)."""
+    why = getattr(error, "strerror", None) or " ".join(str(error).split())
+    with contextlib.suppress(OSError):
+        why += f"; {shutil.disk_usage(folder).free:,} bytes free on that disk"
+    committed = False
+    with contextlib.suppress(commit.CommitError):
+        committed = commit.journal(folder) is not None
+    kept = (
+        "it is recorded in the folder's commit journal, and the next run there "
+        "completes it"
+        if committed
+        else "the folder's previous contents are unchanged"
+    )
+    return f"cannot save the checkpoint of iteration {it} in {folder} ({why}); {kept}"
+
+
+def _train(
+    model,
+    optimizer,
+    train_dataset,
+    val_dataset,
+    args: TrainingArgs,
+    loss,
+    iterate_batches,
+    training_callback,
+) -> int:
+    """The loop of :func:`train`, inside its folder lock."""
+    world = mx.distributed.init()
+    world_size, rank = world.size(), world.rank()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     train_dataset, val_dataset = _cached(train_dataset), _cached(val_dataset)
@@ -469,13 +598,11 @@ def train(
     start = info.get("iteration", 0)
     last_good = (start, folder / info["weights"]) if args.resume else None
 
-    metrics = None
-    if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {**args.adapter_config, **braces_config(model)}
-        save_config(config, folder / CONFIG_NAME)
-        metrics = MetricsWriter(folder / METRICS_NAME, start, args.resume)
-    callback = Callbacks(metrics, training_callback)
+    # Nothing is written before the first checkpoint, which commits the config and
+    # the metrics with the weights and resume state.
+    metrics = MetricsWriter(folder / METRICS_NAME, start, args.resume)
+    config = {**args.adapter_config, **braces_config(model)}
+    callback = Callbacks(metrics if rank == 0 else None, training_callback)
 
     step, state = _compiled_step(
         model, optimizer, loss, args.grad_accumulation_steps, world_size
@@ -495,10 +622,11 @@ def train(
             grad_accum = average_gradients(grad_accum)
         file = Path(args.adapter_file)
         if rank == 0:
+            files = {}
             if numbered:
                 file = folder / f"{it:07d}_{WEIGHTS_NAME}"
-                save_weights(model, file)
-            save_weights(model, args.adapter_file)
+                files[file.name] = write_weights(model)
+            files[Path(args.adapter_file).name] = write_weights(model)
             resume = {
                 "iteration": it,
                 "trained_tokens": trained_tokens,
@@ -509,7 +637,15 @@ def train(
                 "train_examples": len(train_dataset),
                 "weights": file.name,
             }
-            _save_resume(resume_file, model, optimizer, grad_accum, resume)
+            files[RESUME_NAME] = _resume_writer(model, optimizer, grad_accum, resume)
+            if metrics.pending is not None:  # this run's first checkpoint
+                files[CONFIG_NAME] = write_config(config)
+                files[METRICS_NAME] = metrics.writer()
+            try:
+                commit.commit(folder, files, tag=str(it))
+            except (OSError, RuntimeError) as e:  # MLX: RuntimeError on a full disk
+                raise TrainingError(_save_failed(folder, it, e)) from None
+            metrics.committed()
         return file
 
     def validate(it: int) -> None:
@@ -545,6 +681,7 @@ def train(
         if val_dataset and start == 0 and args.iters > 0:
             validate(0)
         for it, batch in zip(range(start + 1, args.iters + 1), batches):
+            kill_point(f"step@{it}")
             tic = time.perf_counter()
             lvalue, toks, grad_accum, ok = step(
                 batch, grad_accum, it % args.grad_accumulation_steps == 0
@@ -568,7 +705,8 @@ def train(
                     f"last good checkpoint {last_good[1]} (iteration {last_good[0]}) "
                     "kept; continue from it with --resume"
                     if last_good
-                    else "no checkpoint had been saved yet"
+                    else "no checkpoint had been saved yet, and the adapter folder "
+                    "was left as it was"
                 )
                 raise TrainingError(f"{problem} at iteration {it}; {where}")
             n_tokens += int(toks.item())
@@ -627,7 +765,8 @@ def train(
     if it == start and args.resume:
         ui.print(f"The checkpoint is at iteration {start}: nothing left to train.")
     else:
-        checkpoint(it, numbered=False)
+        if last_good is None or last_good[0] != it:  # not just saved
+            checkpoint(it, numbered=False)
         ui.print(f"Saved final weights to {args.adapter_file}.")
     return it
 

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import mlx_braces  # noqa: F401  (first: it loads OpenBLAS before MLX binds a BLAS)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim

@@ -51,6 +51,9 @@ import sys
 import time
 from pathlib import Path
 
+import mlx_braces  # noqa: F401  (first: it loads OpenBLAS before MLX binds a BLAS)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

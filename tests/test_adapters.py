@@ -79,8 +79,8 @@ def saved(folders, tmp_path_factory):
 
 FRESH = """
 import json, sys
+from mlx_braces import load  # first, as in the test process: the same BLAS
 import numpy as np, mlx.core as mx, mlx_lm
-from mlx_braces import load
 tokens = json.loads(sys.argv[1])
 out = {}
 for i, (folder, adapter) in enumerate(json.loads(sys.argv[2])):

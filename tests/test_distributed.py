@@ -67,8 +67,14 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, err_msg=key)
     wa = mx.load(str(one / "adapters.safetensors"))
     wb = mx.load(str(two / "adapters.safetensors"))
+    # OpenBLAS blocks a batch-4 GEMM differently from two batch-2 ones, so gradients
+    # differ in the last bits; Adam's m/sqrt(v) enlarges that on entries whose
+    # gradient is near zero (measured: 3 of 1024 entries off by up to 6.4e-5 after
+    # 4 steps at lr 1e-2, where each step moves an entry by up to 1e-2).
     for k in wa:
-        np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-5)
+        x, y = np.array(wa[k]), np.array(wb[k])
+        np.testing.assert_allclose(x, y, atol=2e-4)
+        assert np.mean(np.abs(x - y) <= 1e-5) >= 0.99, k
     assert sorted(p.name for p in one.iterdir()) == sorted(
         p.name for p in two.iterdir()
     )

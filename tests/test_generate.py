@@ -241,3 +241,15 @@ def test_console_script_has_mlx_lm_flags():
         assert flag in proc.stdout
     for flag in ["--attribute", "--strength", "--compare"]:
         assert flag in proc.stdout
+
+
+def test_package_generate_is_the_function_whatever_the_import_order():
+    code = (
+        "import importlib, mlx_braces.generate\n"
+        "from mlx_braces import generate, stream_generate\n"
+        "cli = importlib.import_module('mlx_braces.generate')\n"
+        "assert generate is cli.generate and stream_generate is cli.stream_generate\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

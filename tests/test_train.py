@@ -234,6 +234,7 @@ def test_ctrl_c_in_a_subprocess_saves_and_exits_130(tmp_path):
 
 KILL_DURING_SAVE = """
 import os, signal, sys
+import mlx_braces  # first: the BLAS MLX binds to, as in the test process (conftest)
 import mlx.core as mx
 from mlx_braces.train import main
 
