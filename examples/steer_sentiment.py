@@ -38,17 +38,15 @@ from mlx_lm import batch_generate, load
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
-from mlx_braces import apply_braces, print_trainable_parameters
-from mlx_braces.generate import generate
-from mlx_braces.steering import (
-    AttributeDataset,
+from mlx_braces import (
+    TrainingArgs,
     add_attributes,
-    attribute_names,
-    iterate_batches,
-    loss,
+    apply_braces,
+    generate,
+    print_trainable_parameters,
     steering,
+    train,
 )
-from mlx_braces.trainer import TrainingArgs, train
 
 ASSETS = Path(__file__).resolve().parent.parent / "mlx_braces" / "assets"
 MODEL = ASSETS / "stories260K"
@@ -118,14 +116,12 @@ def main() -> None:
     stories = own_stories(model, tokenizer, args.stories, 128)
     print(f"Sampled {len(stories)} unlabelled stories from the base model")
     apply_braces(model, rank=args.rank, seed=args.seed)
-    add_attributes(model, tokenizer, "sentiment", seed=args.seed)
-    names = attribute_names(model)
-    print(f"Attributes: {', '.join(names)}")
+    add_attributes(model, tokenizer, "sentiment", seed=args.seed)  # positive, negative
     print_trainable_parameters(model)
 
-    def dataset(split, extra=()):
+    def dataset(split, extra=()):  # train() steers each row by its "attribute"
         rows = read(split, args.max_words) + list(extra)
-        return AttributeDataset(CacheDataset(TextDataset(rows, tokenizer)), names)
+        return CacheDataset(TextDataset(rows, tokenizer))
 
     train(
         model,
@@ -144,8 +140,6 @@ def main() -> None:
             seed=args.seed,
             adapter_config={"model": str(MODEL)},
         ),
-        loss=loss,
-        iterate_batches=iterate_batches,
     )
     model.eval()
     print(f"Saved the adapter to {args.adapter_path}\n")

@@ -1,26 +1,33 @@
-"""Braces adapters on disk: ``adapter_config.json`` + ``adapters.safetensors``.
+"""Braces adapters and training checkpoints on disk: the one I/O module.
 
-The layout is mlx-lm's. The config says ``fine_tune_type: "braces"`` and carries no
-``lora_parameters``, so stock mlx-lm refuses it before touching the model.
-Only safetensors and JSON are read and written; files are replaced atomically.
+An adapter folder has mlx-lm's layout, ``adapter_config.json`` and
+``adapters.safetensors``; training adds numbered weights, ``resume.safetensors`` and
+``metrics.jsonl``. The config says ``fine_tune_type: "braces"`` and carries no
+``lora_parameters``, so stock mlx-lm refuses it before touching the model. Only
+safetensors and JSON are read and written; files are replaced through
+:func:`mlx_braces.commit.commit` (atomically, a set at once), and every problem is
+one :class:`AdapterError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.tuner.callbacks import TrainingCallback
 
 from . import commit
 from ._version import __version__
 from .braces import apply_braces, braced_layers
-from .quantize import dequantize_dtype, dequantize_model, quantize_base
 from .steering import (
     SteeringError,
     attribute_config,
@@ -31,10 +38,161 @@ from .steering import (
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
+RESUME_NAME = "resume.safetensors"
+METRICS_NAME = "metrics.jsonl"
+_RESUME_KEY = "mlx_braces_resume"  # safetensors metadata key of the resume state
 
 
 class AdapterError(ValueError):
-    """An adapter that does not fit the base model, or cannot be read."""
+    """An adapter or checkpoint that does not fit, or cannot be read or written."""
+
+
+# ---------------------------------------------------------------------------
+# The config
+
+
+@dataclass
+class BracesConfig:
+    """What ``adapter_config.json`` records of a model's braces (mlx-lm's
+    ``lora_parameters``, PEFT's ``LoraConfig``): enough to brace a base again."""
+
+    rank: int
+    layers: list[str]  # paths of the braced FFNs, e.g. "model.layers.1.mlp"
+    ffn_dims: list[int] | None = None  # d_ff per layer (None: saved before it)
+    gate_init: float | None = None  # None: apply_braces' default
+    attributes: dict[str, list[str]] | None = None  # attribute name: its words
+    hidden_dims: int | None = None  # the attribute MLP's width
+    contrast: bool = False  # attribute labels contrast with each other
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> BracesConfig:
+        """The config of ``model``'s braces; AdapterError if it has none."""
+        layers = braced_layers(model)
+        if not layers:
+            raise AdapterError("Model has no braced layers: call apply_braces first.")
+        first = layers[0][1]
+        attr = attribute_config(model)  # {} without attributes
+        params = attr.get("attribute_parameters", {})
+        return cls(
+            rank=first.rank,
+            layers=[p for p, _ in layers],
+            # d_ff per layer: R (rank, d) alone cannot tell bases of equal width apart
+            ffn_dims=[m.hidden_dims for _, m in layers],
+            gate_init=getattr(first, "gate_init", None),
+            attributes=attr.get("attributes"),
+            hidden_dims=params.get("hidden_dims"),
+            contrast=bool(params.get("contrast", False)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The braces fields of ``adapter_config.json``."""
+        params: dict[str, Any] = {
+            "rank": self.rank,
+            "gate_init": self.gate_init,
+            "layers": list(self.layers),
+        }
+        if self.ffn_dims is not None:
+            params["ffn_dims"] = list(self.ffn_dims)
+        out: dict[str, Any] = {
+            "fine_tune_type": "braces",
+            "format_version": self.format_version,
+            "mlx_braces_version": __version__,
+            "num_layers": self.num_layers,
+            "braces_parameters": params,
+        }
+        if self.attributes is not None:
+            out["attributes"] = {k: list(v) for k, v in self.attributes.items()}
+            out["attribute_parameters"] = {
+                "hidden_dims": self.hidden_dims,
+                "contrast": self.contrast,
+            }
+        return out
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], file: str | Path) -> BracesConfig:
+        """Check a braces adapter config's fields (errors name ``file``); read them."""
+        kind = config.get("fine_tune_type")
+        if kind != "braces":
+            raise AdapterError(f"{file}: fine_tune_type is {kind!r}, not 'braces'")
+        version = config.get("format_version")
+        if not isinstance(version, int):
+            raise AdapterError(
+                f"{file}: field 'format_version' missing or not an integer"
+            )
+        if version > FORMAT_VERSION:
+            raise AdapterError(
+                f"{file}: format_version {version} is newer than this mlx_braces "
+                f"({__version__}) reads ({FORMAT_VERSION}); upgrade mlx-braces"
+            )
+        params = config.get("braces_parameters")
+        if not isinstance(params, dict):
+            raise AdapterError(f"{file}: field 'braces_parameters' missing")
+        rank = params.get("rank")
+        if not isinstance(rank, int) or rank <= 0:
+            raise AdapterError(
+                f"{file}: braces_parameters.rank must be a positive integer, got "
+                f"{rank!r}"
+            )
+        layers = params.get("layers")
+        if (
+            not isinstance(layers, list)
+            or not layers
+            or not all(isinstance(p, str) for p in layers)
+        ):
+            raise AdapterError(
+                f"{file}: braces_parameters.layers must be a non-empty list"
+            )
+        ffn_dims = params.get("ffn_dims")  # absent from adapters saved before it
+        if ffn_dims is not None and (
+            not isinstance(ffn_dims, list)
+            or len(ffn_dims) != len(layers)
+            or not all(isinstance(n, int) for n in ffn_dims)
+        ):
+            raise AdapterError(
+                f"{file}: braces_parameters.ffn_dims must list one integer per layer "
+                f"({len(layers)}), got {ffn_dims!r}"
+            )
+        attributes = config.get("attributes")
+        hidden = contrast = None
+        if attributes is not None:
+            try:
+                check_attributes(attributes, f"{file}: field 'attributes'")
+            except SteeringError as e:
+                raise AdapterError(str(e)) from None
+            attr = config.get("attribute_parameters")
+            hidden = attr.get("hidden_dims") if isinstance(attr, dict) else None
+            if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
+                raise AdapterError(
+                    f"{file}: attribute_parameters.hidden_dims must be a positive "
+                    f"integer, got {hidden!r}"
+                )
+            contrast = attr.get("contrast", False)
+        return cls(
+            rank=rank,
+            layers=list(layers),
+            ffn_dims=ffn_dims,
+            gate_init=params.get("gate_init"),
+            attributes=attributes,
+            hidden_dims=hidden,
+            contrast=bool(contrast),
+            format_version=version,
+        )
+
+
+def adapter_config(model: nn.Module, /, **extra: Any) -> dict[str, Any]:
+    """The whole ``adapter_config.json`` of ``model``: ``extra`` fields (model,
+    training settings) plus the braces fields, which always describe ``model``."""
+    extra.pop("lora_parameters", None)  # never mlx-lm's: it must refuse the folder
+    return {**extra, **BracesConfig.from_model(model).to_dict()}
+
+
+# ---------------------------------------------------------------------------
+# Writing
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
@@ -47,48 +205,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
     return params
 
 
-def braces_config(model: nn.Module) -> dict[str, Any]:
-    """The adapter config fields that describe ``model``'s braces."""
-    layers = braced_layers(model)
-    if not layers:
-        raise AdapterError("Model has no braced layers: call apply_braces first.")
-    first = layers[0][1]
-    return {
-        "fine_tune_type": "braces",
-        "format_version": FORMAT_VERSION,
-        "mlx_braces_version": __version__,
-        "num_layers": len(layers),
-        "braces_parameters": {
-            "rank": first.rank,
-            "gate_init": getattr(first, "gate_init", None),
-            "layers": [p for p, _ in layers],
-            # d_ff per layer: R (rank, d) alone cannot tell bases of equal width apart
-            "ffn_dims": [m.hidden_dims for _, m in layers],
-        },
-        **attribute_config(model),  # "attributes" {name: [words]}, when it has any
-    }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix
-    )
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make adapters private
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_weights(model: nn.Module):
+def write_weights(model: nn.Module) -> commit.Writer:
     """A writer of ``model``'s braces parameters (safetensors) to the path it is given."""
     weights = adapter_parameters(model)
     mx.eval(weights)
@@ -96,7 +213,7 @@ def write_weights(model: nn.Module):
     return lambda tmp: mx.save_safetensors(str(tmp), weights, metadata=meta)
 
 
-def write_config(config: dict[str, Any]):
+def write_config(config: dict[str, Any]) -> commit.Writer:
     """A writer of an adapter config (sorted, indented JSON) to the path it is given."""
 
     def write(tmp):
@@ -106,14 +223,30 @@ def write_config(config: dict[str, Any]):
     return write
 
 
+def write_resume(
+    model: nn.Module, optimizer, grad_accum, state: dict[str, Any]
+) -> commit.Writer:
+    """A writer of one safetensors file with everything a resume needs: the braces,
+    the optimizer state, a partial gradient sum and ``state`` (JSON metadata)."""
+    arrays = {f"adapter.{k}": v for k, v in adapter_parameters(model).items()}
+    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
+    if grad_accum is not None:
+        arrays.update({f"grad_accum.{k}": v for k, v in tree_flatten(grad_accum)})
+    mx.eval(arrays)
+    meta = {_RESUME_KEY: json.dumps(state), "format": "mlx"}
+    return lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=meta)
+
+
 def save_weights(model: nn.Module, file: str | Path) -> None:
     """Atomically write ``model``'s braces parameters to a safetensors ``file``."""
-    _atomic_write(Path(file), write_weights(model))
+    file = Path(file)
+    _commit(file.parent, {file.name: write_weights(model)})
 
 
 def save_config(config: dict[str, Any], file: str | Path) -> None:
     """Atomically write an adapter config (sorted, indented JSON)."""
-    _atomic_write(Path(file), write_config(config))
+    file = Path(file)
+    _commit(file.parent, {file.name: write_config(config)})
 
 
 def save_adapter(model: nn.Module, adapter_path: str | Path, /, **config: Any) -> Path:
@@ -123,17 +256,140 @@ def save_adapter(model: nn.Module, adapter_path: str | Path, /, **config: Any) -
     recorded in the config; the braces fields always describe ``model`` itself.
     """
     adapter_path = _folder_arg(adapter_path)
-    config.pop("lora_parameters", None)
     if isinstance(config.get("model"), str) and "base_gguf_sha256" not in config:
         from .models import model_record
 
         config.update(model_record(config["model"]))  # a GGUF base: its sha256
     files = {  # config and weights replaced together: a kill leaves old or new
-        CONFIG_NAME: write_config({**config, **braces_config(model)}),
+        CONFIG_NAME: write_config(adapter_config(model, **config)),
         WEIGHTS_NAME: write_weights(model),
     }
-    commit.commit(adapter_path, files)
+    _commit(adapter_path, files)
     return adapter_path
+
+
+def _commit(folder: Path, files: dict[str, commit.Writer]) -> None:
+    """:func:`commit.commit`, with an unreadable journal as an AdapterError."""
+    try:
+        commit.commit(folder, files)
+    except commit.CommitError as e:
+        raise AdapterError(str(e)) from None
+
+
+def checkpoint_name(iteration: int) -> str:
+    """The numbered weights file of a checkpoint: ``0000100_adapters.safetensors``."""
+    return f"{iteration:07d}_{WEIGHTS_NAME}"
+
+
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer,
+    grad_accum,
+    state: dict[str, Any],
+    weights: Sequence[str],
+    metrics: MetricsWriter,
+    config: dict[str, Any],
+) -> None:
+    """Commit one training checkpoint whole: the ``weights`` files, the resume state
+    and, at the run's first checkpoint, ``config`` and the metrics so far.
+
+    ``state`` is the loop's resume state (JSON; ``state["iteration"]`` tags the
+    commit). AdapterError if it cannot be written; the folder then keeps its
+    previous set (or the journal completes the new one).
+    """
+    write = write_weights(model)
+    files = {name: write for name in weights}
+    files[RESUME_NAME] = write_resume(model, optimizer, grad_accum, state)
+    if metrics.pending is not None:  # this run's first checkpoint
+        files[CONFIG_NAME] = write_config(config)
+        files[METRICS_NAME] = metrics.writer()
+    it = state["iteration"]
+    try:
+        commit.commit(folder, files, tag=str(it))
+    except (OSError, RuntimeError) as e:  # MLX: RuntimeError on a full disk
+        raise AdapterError(_save_failed(folder, it, e)) from None
+    metrics.committed()
+
+
+def _save_failed(folder: Path, it: int, error: Exception) -> str:
+    """One line for a checkpoint that could not be written (disk full, read-only)."""
+    why = getattr(error, "strerror", None) or " ".join(str(error).split())
+    with contextlib.suppress(OSError):
+        why += f"; {shutil.disk_usage(folder).free:,} bytes free on that disk"
+    committed = False
+    with contextlib.suppress(commit.CommitError):
+        committed = commit.journal(folder) is not None
+    kept = (
+        "it is recorded in the folder's commit journal, and the next run there "
+        "completes it"
+        if committed
+        else "the folder's previous contents are unchanged"
+    )
+    return f"cannot save the checkpoint of iteration {it} in {folder} ({why}); {kept}"
+
+
+class MetricsWriter(TrainingCallback):
+    """Appends every report to ``metrics.jsonl`` (mlx-lm's keys plus ``type``).
+
+    Until the run's first checkpoint the reports are kept in memory: that checkpoint
+    replaces the file (``writer()``), so a run that fails before it leaves the old
+    file as it was. On resume, entries past the checkpoint's iteration (logged by
+    the interrupted run after its last save) are dropped so the file reads as one run.
+    """
+
+    def __init__(self, folder: str | Path, start: int, resume: bool):
+        self.file = Path(folder) / METRICS_NAME
+        self.pending: list[str] | None = []  # None once the file is this run's
+        current = _resolve(self.file)
+        if resume and current.is_file():
+            with open(current) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError, AttributeError):
+                        if json.loads(line).get("iteration", 0) <= start:
+                            self.pending.append(line)
+
+    def writer(self) -> commit.Writer:
+        """For the first checkpoint's commit: writes the file as this run has it."""
+        text = "".join(self.pending or [])
+        return lambda tmp: Path(tmp).write_text(text)
+
+    def committed(self) -> None:
+        """The file is this run's now: append to it from here on."""
+        self.pending = None
+
+    def write(self, kind: str, info: dict[str, Any]) -> None:
+        row = {"type": kind}
+        for k, v in info.items():
+            row[k] = v.item() if isinstance(v, mx.array) else v
+        if self.pending is not None:
+            self.pending.append(json.dumps(row) + "\n")
+            return
+        append_metrics(self.file.parent, row)
+
+    def on_train_loss_report(self, train_info: dict):
+        self.write("train", train_info)
+
+    def on_val_loss_report(self, val_info: dict):
+        self.write("val", val_info)
+
+
+def append_metrics(folder: str | Path, row: dict[str, Any]) -> None:
+    """Append one report to the folder's ``metrics.jsonl`` (appending loses nothing)."""
+    with open(_resolve(Path(folder) / METRICS_NAME), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Reading and checking
+
+
+def _resolve(file: Path) -> Path:
+    """The file holding ``file``'s name in its folder's current set (commit journal)."""
+    try:
+        return commit.resolve(file.parent, file.name)
+    except commit.CommitError as e:
+        raise AdapterError(str(e)) from None
 
 
 def _folder_arg(adapter_path: Any) -> Path:
@@ -158,13 +414,10 @@ def _model_arg(model: Any) -> None:
 
 
 def read_config(adapter_path: str | Path) -> dict[str, Any]:
-    """Read and check an adapter folder's config; errors name the file and field."""
+    """Read an adapter folder's config as a JSON object; errors name the file."""
     folder = _folder_arg(adapter_path)
     file = folder / CONFIG_NAME
-    try:
-        current = commit.resolve(folder, CONFIG_NAME)  # through a cut commit's journal
-    except commit.CommitError as e:
-        raise AdapterError(str(e)) from None
+    current = _resolve(file)  # through a cut commit's journal
     if not current.is_file():
         raise AdapterError(f"{file}: not found (is {adapter_path} an adapter folder?)")
     try:
@@ -179,64 +432,117 @@ def read_config(adapter_path: str | Path) -> dict[str, Any]:
     return config
 
 
-def check_braces_config(config: dict[str, Any], file: str | Path) -> None:
-    """Fields a braces adapter must have, with their types and format version."""
-    version = config.get("format_version")
-    if not isinstance(version, int):
-        raise AdapterError(f"{file}: field 'format_version' missing or not an integer")
-    if version > FORMAT_VERSION:
-        raise AdapterError(
-            f"{file}: format_version {version} is newer than this mlx_braces "
-            f"({__version__}) reads ({FORMAT_VERSION}); upgrade mlx-braces"
-        )
-    params = config.get("braces_parameters")
-    if not isinstance(params, dict):
-        raise AdapterError(f"{file}: field 'braces_parameters' missing")
-    rank = params.get("rank")
-    if not isinstance(rank, int) or rank <= 0:
-        raise AdapterError(
-            f"{file}: braces_parameters.rank must be a positive integer, got {rank!r}"
-        )
-    layers = params.get("layers")
-    if not isinstance(layers, list) or not layers:
-        raise AdapterError(f"{file}: braces_parameters.layers must be a non-empty list")
-    if config.get("attributes") is not None:
-        try:
-            check_attributes(config["attributes"], f"{file}: field 'attributes'")
-        except SteeringError as e:
-            raise AdapterError(str(e)) from None
-        attr = config.get("attribute_parameters")
-        hidden = attr.get("hidden_dims") if isinstance(attr, dict) else None
-        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
-            raise AdapterError(
-                f"{file}: attribute_parameters.hidden_dims must be a positive "
-                f"integer, got {hidden!r}"
-            )
-
-
 def _read_weights(file: Path) -> dict[str, mx.array]:
-    current = commit.resolve(file.parent, file.name)  # through a cut commit's journal
+    """The tensors of a safetensors ``file`` (never another format), evaluated."""
+    current = _resolve(file)  # through a cut commit's journal
     if not current.is_file():
         raise AdapterError(f"{file}: not found")
     try:
-        weights = mx.load(str(current), format="safetensors")  # never another format
+        weights = mx.load(str(current), format="safetensors")
         mx.eval(weights)
     except (RuntimeError, ValueError) as e:
         raise AdapterError(f"{file}: cannot read ({e})") from None
     return weights
 
 
-def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
+def _check_weights(
+    model: nn.Module,
+    weights: dict[str, mx.array],
+    file: Path,
+    config_file: Path | None = None,
+) -> None:
+    """Raise AdapterError unless ``weights`` are exactly ``model``'s braces tensors,
+    finite, with orthonormal R: the one check of every braces weights file read.
+
+    ``config_file`` is the adapter config ``model`` was braced from (load_adapter);
+    None: ``model`` carries this training run's braces (a resume), and mismatches
+    say which option to keep the same.
+    """
+    run = config_file is None
+    lists = "this run has" if run else f"{config_file} lists"
+    records = "this run has" if run else f"{config_file} records"
+
+    def fail(message: str, option: str = "") -> AdapterError:
+        if run and option:
+            message += f"; use the same {option} as the run that wrote it"
+        return AdapterError(message)
+
+    expected = adapter_parameters(model)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    attributes = attribute_config(model).get("attributes")
+    has_cond = any(".cond." in k for k in weights)
+    if missing and not has_cond and attributes is not None:
+        raise fail(
+            f"{file}: {lists} attributes {', '.join(attributes)} but the weights "
+            f"have no attribute tensors (e.g. {missing[0]})",
+            "--attributes",
+        )
+    if missing:
+        raise fail(
+            f"{file}: missing {len(missing)} tensor(s) "
+            f"{'this run' if run else 'the base model'} needs, e.g. {missing[0]}",
+            "--num-layers and model",
+        )
+    if extra and attributes is None and any(".cond." in k for k in extra):
+        raise fail(
+            f"{file}: has attribute tensors (e.g. {extra[0]}) but {lists} no "
+            "'attributes'",
+            "--attributes",
+        )
+    if extra:
+        raise fail(
+            f"{file}: {len(extra)} tensor(s) "
+            f"{'this run' if run else 'the base model'} has no place for, "
+            f"e.g. {extra[0]}",
+            "--num-layers and model",
+        )
+    for name, w in weights.items():
+        want = expected[name].shape
+        if name.endswith(".cond.e") and w.shape != want:
+            raise fail(
+                f"{file}: {name} has shape {tuple(w.shape)}, but {lists} "
+                f"{want[0]} attribute(s) of width {want[1]}: expected {tuple(want)}",
+                "--attributes",
+            )
+        if name.endswith(".R") and w.shape != want and w.shape[1:] == want[1:]:
+            raise fail(  # R is (rank, d): only the rank differs
+                f"{file}: {name} has rank {w.shape[0]} (shape {tuple(w.shape)}) "
+                f"but {records} rank {want[0]}",
+                "--rank and model",
+            )
+        if w.shape != want:
+            raise fail(
+                f"{file}: {name} has shape {tuple(w.shape)}, "
+                + (
+                    f"this run's is {tuple(want)}"
+                    if run
+                    else f"the base model expects {tuple(want)} (wrong base model "
+                    "or rank?)"
+                ),
+                "--rank and model",
+            )
+        if not mx.all(mx.isfinite(w)).item():
+            raise fail(f"{file}: {name} contains NaN or inf")
+        if name.endswith(".R"):  # training keeps max |R Rᵀ - I| < 1e-4
+            R = w.astype(mx.float32)
+            err = mx.abs(R @ R.T - mx.eye(R.shape[0])).max().item()
+            if err > 1e-3:
+                raise fail(
+                    f"{file}: {name} rows are not orthonormal (max |R Rᵀ - I| = "
+                    f"{err:.2g}); the file is corrupted or was not saved by mlx_braces"
+                )
+
+
+def _brace_like(model: nn.Module, config: BracesConfig, file: Path) -> None:
     """Brace ``model`` with the layers and rank that ``config`` records."""
-    params = config["braces_parameters"]
-    want = list(params["layers"])
-    num_layers = len(want)
+    want = config.layers
     try:
         apply_braces(
             model,
-            rank=params["rank"],
-            num_layers=num_layers,
-            gate_init=-5.0 if params.get("gate_init") is None else params["gate_init"],
+            rank=config.rank,
+            num_layers=config.num_layers,
+            gate_init=-5.0 if config.gate_init is None else config.gate_init,
         )
     except ValueError as e:
         raise AdapterError(
@@ -246,9 +552,10 @@ def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
     if have != want:
         raise AdapterError(
             f"{file}: adapter braces layers {want[0]}..{want[-1]} ({len(want)}) but "
-            f"this base model's last {num_layers} FFNs are {have[0]}..{have[-1]}"
+            f"this base model's last {config.num_layers} FFNs are "
+            f"{have[0]}..{have[-1]}"
         )
-    recorded = params.get("ffn_dims")  # absent from adapters saved before it
+    recorded = config.ffn_dims  # absent from adapters saved before it
     actual = [m.hidden_dims for _, m in braced_layers(model)]
     if recorded is not None and recorded != actual:
         i = next((i for i, (a, b) in enumerate(zip(recorded, actual)) if a != b), 0)
@@ -256,13 +563,12 @@ def _brace_like(model: nn.Module, config: dict[str, Any], file: Path) -> None:
             f"{file}: adapter was trained on a base model whose {want[i]} has FFN "
             f"width {recorded[i]}, this one has {actual[i]} (wrong base model?)"
         )
-    if config.get("attributes") is not None:  # conditional branches, filled by weights
-        attr = config["attribute_parameters"]
+    if config.attributes is not None:  # conditional branches, filled by weights
         install_attributes(
             model,
-            config["attributes"],
-            hidden_dims=attr["hidden_dims"],
-            contrast=bool(attr.get("contrast", False)),
+            config.attributes,
+            hidden_dims=config.hidden_dims,
+            contrast=config.contrast,
         )
 
 
@@ -285,73 +591,119 @@ def load_adapter(
     names = (CONFIG_NAME, file.name)
     for _ in range(5):  # a checkpoint committed while we read: read both again
         seen = commit.snapshot(adapter_path, names)
-        config = read_config(adapter_path)
-        if config.get("fine_tune_type") != "braces":
-            raise AdapterError(
-                f"{config_file}: fine_tune_type is {config.get('fine_tune_type')!r}, "
-                "not 'braces'"
-            )
-        check_braces_config(config, config_file)
+        config = BracesConfig.from_dict(read_config(adapter_path), config_file)
         loaded = _read_weights(file)
         if commit.snapshot(adapter_path, names) == seen:
             break
     _brace_like(model, config, config_file)
-    expected = adapter_parameters(model)
-    missing = sorted(set(expected) - set(loaded))
-    extra = sorted(set(loaded) - set(expected))
-    attributes = config.get("attributes")
-    if missing and not any(".cond." in k for k in loaded) and attributes is not None:
-        raise AdapterError(
-            f"{file}: {config_file} lists attributes "
-            f"{', '.join(config['attributes'])} but the weights have no attribute "
-            f"tensors (e.g. {missing[0]})"
-        )
-    if missing:
-        raise AdapterError(
-            f"{file}: missing {len(missing)} tensor(s) the base model needs, "
-            f"e.g. {missing[0]}"
-        )
-    if extra and attributes is None and any(".cond." in k for k in extra):
-        raise AdapterError(
-            f"{file}: has attribute tensors (e.g. {extra[0]}) but {config_file} "
-            "lists no 'attributes'"
-        )
-    if extra:
-        raise AdapterError(
-            f"{file}: {len(extra)} tensor(s) the base model has no place for, "
-            f"e.g. {extra[0]}"
-        )
-    for name, w in loaded.items():
-        if name.endswith(".cond.e") and w.shape != expected[name].shape:
-            raise AdapterError(
-                f"{file}: {name} has shape {tuple(w.shape)}, but {config_file} lists "
-                f"{len(config['attributes'])} attribute(s) of width "
-                f"{expected[name].shape[1]}: expected {tuple(expected[name].shape)}"
-            )
-        want = expected[name].shape
-        if name.endswith(".R") and w.shape != want and w.shape[1:] == want[1:]:
-            raise AdapterError(  # R is (rank, d): only the rank differs
-                f"{file}: {name} has rank {w.shape[0]} (shape {tuple(w.shape)}) "
-                f"but {config_file} records rank {want[0]}"
-            )
-        if w.shape != want:
-            raise AdapterError(
-                f"{file}: {name} has shape {tuple(w.shape)}, the base model expects "
-                f"{tuple(expected[name].shape)} (wrong base model or rank?)"
-            )
-        if not mx.all(mx.isfinite(w)).item():
-            raise AdapterError(f"{file}: {name} contains NaN or inf")
-        if name.endswith(".R"):  # training keeps max |R Rᵀ - I| < 1e-4
-            R = w.astype(mx.float32)
-            err = mx.abs(R @ R.T - mx.eye(R.shape[0])).max().item()
-            if err > 1e-3:
-                raise AdapterError(
-                    f"{file}: {name} rows are not orthonormal (max |R Rᵀ - I| = "
-                    f"{err:.2g}); the file is corrupted or was not saved by mlx_braces"
-                )
+    _check_weights(model, loaded, file, config_file)
     model.load_weights(list(loaded.items()), strict=False)
     model.eval()
     return model
+
+
+def load_weights_file(model: nn.Module, file: str | Path) -> None:
+    """Load braces weights from a safetensors ``file`` into a braced ``model``
+    (``--resume-adapter-file``), with load_adapter's checks."""
+    file = Path(file)
+    weights = _read_weights(file)
+    _check_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def load_resume(model: nn.Module, optimizer, folder: str | Path):
+    """Restore weights and optimizer state from ``folder``'s resume checkpoint.
+
+    Returns ``(state, grad_accum)``: the loop's state as :func:`save_checkpoint`
+    recorded it, and the partial gradient sum (None if there was none).
+    """
+    file = _resolve(Path(folder) / RESUME_NAME)  # the current one, if a commit was cut
+    if not file.is_file():
+        raise _nothing_to_resume(file)
+    try:
+        arrays, meta = mx.load(str(file), return_metadata=True)
+        state = json.loads(meta[_RESUME_KEY])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AdapterError(f"{file}: not a resume checkpoint ({e})") from None
+
+    def part(prefix):
+        n = len(prefix)
+        return {k[n:]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    weights = part("adapter.")
+    _check_weights(model, weights, file)
+    model.load_weights(list(weights.items()), strict=False)
+
+    saved = part("optimizer.")
+    optimizer.init(model.trainable_parameters())
+    have = dict(tree_flatten(optimizer.state))
+    if set(have) != set(saved) or any(have[k].shape != saved[k].shape for k in have):
+        raise AdapterError(
+            f"{file}: its optimizer state does not fit this run's optimizer "
+            f"({type(optimizer).__name__}); resume with the same --optimizer"
+        )
+    optimizer.state = tree_map_with_path(lambda p, _: saved[p], optimizer.state)
+
+    grads = part("grad_accum.")
+    grad_accum = None
+    if grads:
+        grad_accum = tree_map_with_path(
+            lambda p, _: grads[p], model.trainable_parameters()
+        )
+    return state, grad_accum
+
+
+def _nothing_to_resume(file: Path) -> AdapterError:
+    return AdapterError(
+        f"{file}: not found, nothing to resume (train once without --resume, or "
+        "point --adapter-path at the folder of the run to continue)"
+    )
+
+
+def check_adapter_folder(
+    folder: str | Path, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse, before any work, an adapter folder training cannot use or would damage.
+
+    It must be a writable folder (created if missing); with ``resume`` it must hold a
+    resume checkpoint; an adapter of another kind (e.g. mlx-lm LoRA) in it is only
+    replaced with ``overwrite``. Raises AdapterError naming the path.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdapterError(
+            f"{folder}: is a file, not a folder (the adapter path names a folder)"
+        )
+    if resume and not _resolve(folder / RESUME_NAME).is_file():
+        raise _nothing_to_resume(folder / RESUME_NAME)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        commit.temp_path(folder, "write_test.tmp").unlink()
+    except OSError as e:
+        raise AdapterError(
+            f"{folder}: cannot write there ({e.strerror or e}); choose another "
+            "--adapter-path"
+        ) from None
+    config = _resolve(folder / CONFIG_NAME)
+    if overwrite or resume:
+        return
+    if config.is_file():
+        try:
+            kind = json.loads(config.read_text()).get("fine_tune_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            kind = "unreadable"
+        if kind != "braces":
+            raise AdapterError(
+                f"{folder / CONFIG_NAME}: the folder holds a {kind} adapter, not "
+                "braces; training would replace it: pass --overwrite, or choose "
+                "another --adapter-path"
+            )
+    elif _resolve(folder / WEIGHTS_NAME).is_file():
+        raise AdapterError(
+            f"{folder / WEIGHTS_NAME}: an adapter without {CONFIG_NAME} (not one "
+            "mlx_braces wrote); training would replace it: pass --overwrite, or "
+            "choose another --adapter-path"
+        )
 
 
 def is_braces_adapter(adapter_path: str | Path) -> bool:
@@ -385,62 +737,6 @@ def check_base_gguf(adapter_path: str | Path, model: str | None) -> None:
         )
 
 
-class ModelLoadError(ValueError, OSError):
-    """A base model that cannot be found or read (one line; also an OSError)."""
-
-
-def model_load_message(spec: str, error: BaseException, source: str = "") -> str:
-    """One line for an OSError of mlx-lm's load (Hugging Face's are paragraphs)."""
-    local = Path(spec).expanduser()
-    if local.exists() and not local.is_dir():
-        why = "is a file, not a model folder"
-    elif local.is_dir():
-        why = " ".join(str(error).split()) or type(error).__name__
-    elif spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # not a Hub id
-        why = "no such folder"
-    elif _hub_offline():
-        why = (
-            "no such folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is "
-            "set, so it cannot be downloaded)"
-        )
-    else:
-        first = " ".join(str(error).split())[:300]
-        why = f"no such folder, and the Hugging Face Hub gave: {first}"
-    return f"cannot load model {spec}{source}: {why}"
-
-
-def check_model_available(spec: str) -> None:
-    """Raise ModelLoadError now for a model that mlx-lm would fail to load later.
-
-    A path must be a folder; a Hub id is fetched into the Hugging Face cache now (a
-    no-op when it is there), so a server fails at startup rather than at its first
-    request. (Named models and .gguf files: ``resolve_model``.)
-    """
-    from .models import is_gguf, named_model
-
-    if named_model(spec) or is_gguf(spec):
-        return
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        return
-    if local.exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(model_load_message(spec, FileNotFoundError(spec)))
-    from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
-    try:  # in the local cache; else download it now, as mlx-lm's load would later
-        snapshot_download(spec, allow_patterns=DEFAULT_ALLOW_PATTERNS)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(model_load_message(spec, e)) from None
-
-
-def _hub_offline() -> bool:
-    """Whether huggingface_hub runs offline (it reads HF_HUB_OFFLINE on import)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def recorded_model(adapter_path: str | Path) -> str | None:
     """The base model an adapter records, usable from any working directory.
 
@@ -464,79 +760,3 @@ def recorded_model(adapter_path: str | Path) -> str | None:
         if (base / path).exists():
             return str(base / path)
     return model
-
-
-def load(
-    path_or_hf_repo: str | None = None,
-    adapter_path: str | None = None,
-    tokenizer_config: dict[str, Any] | None = None,
-    model_config: dict[str, Any] | None = None,
-    lazy: bool = False,
-    return_config: bool = False,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    dequantize: bool | str = False,
-) -> tuple[nn.Module, Any] | tuple[nn.Module, Any, dict[str, Any]]:
-    """``mlx_lm.load`` that also applies braces adapters; same arguments and returns.
-
-    LoRA, DoRA and full adapters are handed to mlx-lm unchanged. With a braces adapter
-    and no model, the base model recorded in the adapter config is loaded; a base the
-    adapter was trained on after in-memory quantization (``base_quantization``) is
-    quantized the same way first. ``dequantize`` (True, or "float32", "bfloat16",
-    "float16") makes the quantized layers full-precision in memory, exactly, before the
-    adapter is applied: for hardware whose quantized kernels are slow (Linux CPU).
-    """
-    from huggingface_hub.errors import HFValidationError
-    from mlx_lm import load as mlx_load
-
-    dtype = dequantize_dtype(dequantize)  # a bad value fails before any loading
-
-    from .models import resolve_model
-
-    if path_or_hf_repo is not None and not isinstance(path_or_hf_repo, (str, Path)):
-        raise ModelLoadError(
-            f"path_or_hf_repo must be a model folder, Hub id or name, got "
-            f"{path_or_hf_repo!r}"
-        )
-    braces = adapter_path is not None and is_braces_adapter(adapter_path)
-    source = ""
-    if path_or_hf_repo is None:
-        recorded = recorded_model(adapter_path) if adapter_path else None
-        if adapter_path:
-            source = f" (recorded in {Path(adapter_path) / CONFIG_NAME})"
-        if not recorded:
-            where = (
-                f"{Path(adapter_path) / CONFIG_NAME} records none (field 'model')"
-                if adapter_path
-                else "no adapter"
-            )
-            raise AdapterError(f"No model given and {where}.")
-        path_or_hf_repo = recorded
-    if braces:
-        check_base_gguf(adapter_path, path_or_hf_repo)
-    try:
-        model, tokenizer, config = mlx_load(
-            resolve_model(path_or_hf_repo),  # a named model or .gguf: its cached folder
-            tokenizer_config=tokenizer_config,
-            model_config=model_config,
-            adapter_path=None if braces else adapter_path,
-            lazy=lazy,
-            return_config=True,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, HFValidationError) as e:  # no folder; not on (or off) the Hub
-        raise ModelLoadError(
-            model_load_message(str(path_or_hf_repo), e, source)
-        ) from None
-    if braces:
-        quant = read_config(adapter_path).get("base_quantization")
-        if (
-            quant and "quantization" not in config
-        ):  # trained on a base quantized in memory
-            model, config = quantize_base(model, config, **quant)
-    if dtype is not None:
-        dequantize_model(model, dtype)
-    if braces:
-        load_adapter(model, adapter_path)
-    return (model, tokenizer, config) if return_config else (model, tokenizer)

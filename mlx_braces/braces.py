@@ -159,26 +159,15 @@ class _Memo:
         return None if hit is None else hit[1]
 
 
-class _Steering:
-    """Attribute strengths ``S`` (a plain object, no params); ``term``: the kept offset."""
-
-    def __init__(self, memo: _Memo):
-        self.strengths: mx.array | None = None  # (n_attr,) or (B, n_attr)
-        self._memo = memo
-
-    @property
-    def term(self) -> mx.array | None:
-        """The cached ``(S h_c) Rᵀ`` (see :meth:`BracedFFN.steering_offset`)."""
-        return self._memo.value("steering")
-
-
 class BracedFFN(nn.Module):
     """An FFN block whose value-vector contributions get a gated relevance score.
 
     Trainable: ``R`` (rank, d), orthonormal rows, and ``gate`` (ĝ, shape (1,)).
     The wrapped FFN lives in ``ffn`` and is frozen. An optional conditional branch
-    ``cond`` (see :mod:`mlx_braces.steering`) maps attributes to ``h_c`` (n_attr, d);
-    with strengths ``S`` set, the update is ``g·(r(x) + S r_c)`` (METHOD.md §4).
+    ``cond`` (:class:`mlx_braces.steering.Conditional`) adds attribute steering: the
+    update becomes ``g·(r(x) + S r_c)`` (METHOD.md §4). This module only asks it for
+    ``cond.term(self, x)`` (train path: ``S r_c``, per row of ``x``) and
+    ``cond.offset(self, x)`` (inference: ``(S h_c) Rᵀ``); both are None unsteered.
 
     In train mode the update is added to the down projection's input exactly as
     written. At inference the same function runs as a rank-``d_r`` branch beside
@@ -209,8 +198,7 @@ class BracedFFN(nn.Module):
         self.hidden_dims = d_ff
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
-        self._memo = _Memo()
-        self._steering = _Steering(self._memo)
+        self._memo = _Memo()  # the one inference cache (also for ``cond``'s offset)
 
     @property
     def down(self) -> nn.Module:
@@ -221,59 +209,21 @@ class BracedFFN(nn.Module):
     def g(self) -> mx.array:
         return mx.sigmoid(self.gate)
 
-    def _memoized(self, name: Any, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()``, kept in the memo under ``key`` outside training."""
+    def cached(self, name: Any, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept in this layer's memo under ``key`` outside training."""
         return compute() if self.training else self._memo.get(name, key, compute)
 
     def value_projection(self) -> mx.array:
         """``A = R W_V`` (rank, d_ff); cached outside training until R or W_V change."""
         down, R = self.down, self.R
         key = (R, *_weight_arrays(down))
-        return self._memoized("A", key, lambda: value_projection(down, R))
+        return self.cached("A", key, lambda: value_projection(down, R))
 
     def relevance(self, x: mx.array) -> mx.array:
         """``r(x) = (x Rᵀ) A / sqrt(rank)``: (..., d) -> (..., d_ff)."""
         R = self.R.astype(x.dtype)
         A = self.value_projection().astype(x.dtype)
         return ((x @ R.T) @ A) * (1.0 / math.sqrt(self.rank))
-
-    @property
-    def steering(self) -> mx.array | None:
-        """Attribute strengths ``S``: None, (n_attr,) for all rows, or (B, n_attr)."""
-        return self._steering.strengths
-
-    def set_steering(self, strengths: mx.array | None) -> None:
-        """Set (or clear, with None) the strengths ``S`` used by the next calls."""
-        if strengths is not None:
-            cond = self.get("cond")
-            n = None if cond is None else cond.e.shape[0]
-            if strengths.ndim not in (1, 2) or strengths.shape[-1] != n:
-                raise ValueError(
-                    f"steering strengths must have shape (n_attr,) or (B, n_attr) with "
-                    f"n_attr={n}, got {tuple(strengths.shape)}"
-                )
-        self._steering.strengths = strengths
-
-    def attribute_relevance(self) -> mx.array:
-        """``r_c`` (n_attr, d_ff): the relevance of every ``h_c = MLP(e_c)``."""
-        return self.relevance(self.cond())
-
-    def steering_term(self) -> mx.array:
-        """``S r_c``: (d_ff,) or (B, d_ff) fp32 (the training path's form)."""
-        return self._steering.strengths.astype(mx.float32) @ self.attribute_relevance()
-
-    def steering_offset(self) -> mx.array | None:
-        """``(S h_c) Rᵀ``: (rank,) or (B, rank) fp32, None unsteered; cached outside
-        training. ``S r_c`` is exactly the relevance of this offset of ``R x``."""
-        S = self._steering.strengths
-        if S is None:
-            return None
-        cond, R = self["cond"], self["R"]
-        return self._memoized(
-            "steering",
-            (R, S, *_leaf_arrays(cond)),
-            lambda: (S.astype(mx.float32) @ cond()) @ R.T,
-        )
 
     def _inference_terms(
         self, dtype: mx.Dtype, output_side: bool, down: nn.Module
@@ -292,12 +242,12 @@ class BracedFFN(nn.Module):
         key = (R, gate, *_weight_arrays(down))
         return self._memo.get((output_side, dtype), key, compute)
 
-    def _delta(self, x: mx.array) -> mx.array:
+    def _delta(self, x: mx.array, cond: nn.Module | None) -> mx.array:
         """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff)."""
         r = self.relevance(x)
-        if self._steering.strengths is not None:
-            term = self.steering_term()  # (d_ff,) or (B, d_ff): constant over tokens
-            r = r + _per_row(term, x).astype(x.dtype)
+        term = None if cond is None else cond.term(self, x)  # constant over tokens
+        if term is not None:
+            r = r + term.astype(x.dtype)
         return self.g.astype(x.dtype) * r
 
     def __call__(self, x: mx.array, *args, **kwargs) -> Any:
@@ -305,16 +255,17 @@ class BracedFFN(nn.Module):
         ffn = self["ffn"]
         inject = ffn[self.down_name]
         pending = inject.pending
+        cond = self.get("cond")
         if self.training:
-            pending.delta = self._delta(x)
+            pending.delta = self._delta(x, cond)
         else:
             output_side = inject.record is None  # inspection reads the input's delta
             Rt, M = self._inference_terms(x.dtype, output_side, inject["linear"])
-            if self._steering.strengths is None:
+            offset = None if cond is None else cond.offset(self, x)
+            if offset is None:
                 z = x @ Rt  # (..., rank)
             else:
-                offset = _per_row(self.steering_offset(), x).astype(x.dtype)
-                z = mx.addmm(offset, x, Rt)  # R x + (S h_c) Rᵀ
+                z = mx.addmm(offset.astype(x.dtype), x, Rt)  # R x + (S h_c) Rᵀ
             if output_side:
                 pending.branch = (z, M)
             else:
@@ -330,34 +281,12 @@ def _weight_arrays(down: nn.Module) -> tuple[mx.array | None, ...]:
     return down["weight"], down.get("scales"), down.get("biases")
 
 
-def _leaf_arrays(tree: dict | list) -> list[mx.array]:
-    """Every array in a module's tree (a quicker walk than ``tree_flatten``)."""
-    out = []
-    for v in tree.values() if isinstance(tree, dict) else tree:
-        if isinstance(v, mx.array):
-            out.append(v)
-        elif isinstance(v, (dict, list, tuple)):
-            out.extend(_leaf_arrays(v))
-    return out
-
-
-def _per_row(term: mx.array, x: mx.array) -> mx.array:
-    """A (n,) term as is; a (B, n) one reshaped to broadcast over ``x``'s rows."""
-    if term.ndim == 1:
-        return term
-    if term.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"steering has {term.shape[0]} rows of strengths but the "
-            f"batch has {x.shape[0]} rows"
-        )
-    return term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
-
-
 # ---------------------------------------------------------------------------
 # Finding FFNs in mlx-lm models
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
+    """The mlx-lm ``model_type`` of ``model`` (for error messages)."""
     args = getattr(model, "args", None)
     return str(
         getattr(model, "model_type", None)
@@ -400,14 +329,14 @@ def find_ffns(model: nn.Module) -> list[tuple[int, str, nn.Module, str]]:
     layers = getattr(model, "layers", None)
     if layers is None:
         raise ValueError(
-            f"Model type '{_model_type(model)}' has no `layers`: "
+            f"Model type '{model_type(model)}' has no `layers`: "
             "not an mlx-lm language model mlx_braces can patch."
         )
     found = []
     for i, block in enumerate(layers):
         if _is_moe(block):
             raise ValueError(
-                f"Model type '{_model_type(model)}' has mixture-of-experts FFNs "
+                f"Model type '{model_type(model)}' has mixture-of-experts FFNs "
                 f"(block {i}); mlx_braces does not brace MoE experts yet."
             )
         hits = [
@@ -418,7 +347,7 @@ def find_ffns(model: nn.Module) -> list[tuple[int, str, nn.Module, str]]:
         if len(hits) != 1:
             what = "no FFN" if not hits else f"{len(hits)} FFN candidates"
             raise ValueError(
-                f"Model type '{_model_type(model)}': found {what} in block {i} "
+                f"Model type '{model_type(model)}': found {what} in block {i} "
                 f"({type(block).__name__}); expected one module with up/gate -> down "
                 "linear projections."
             )
@@ -493,12 +422,13 @@ def apply_braces(
         block = model.layers[i]
         braced = BracedFFN(ffn, down, rank, gate_init, key=keys[i])
         braced.train(model.training)  # mlx_lm.load gives eval mode: keep it (A cache)
-        parent, attr = _parent_and_attr(block, name)
+        parent, attr = parent_and_attr(block, name)
         setattr(parent, attr, braced)
     return model
 
 
-def _parent_and_attr(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+def parent_and_attr(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding the child at ``path`` (``a.b.0.c``), and that child's name."""
     *head, attr = path.split(".")
     parent = root
     for p in head:

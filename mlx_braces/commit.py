@@ -31,8 +31,8 @@ from pathlib import Path
 JOURNAL_NAME = ".commit.json"
 KILL_ENV = "MLX_BRACES_TEST_KILL_AT"  # tests: SIGKILL this process at that point
 
-# The temporary names of an adapter folder's files (this module's and
-# adapters._atomic_write's): ".{stem}.XXXXXXXX{suffix}", XXXXXXXX from mkstemp.
+# The temporary names of an adapter folder's files (temp_path's, for every write
+# there): ".{stem}.XXXXXXXX{suffix}", XXXXXXXX from mkstemp.
 _TEMP = re.compile(
     r"^\.(adapter_config|adapters|\d{7}_adapters|resume|metrics|commit|write_test)"
     r"\.[a-z0-9_]{8}\.(json|jsonl|safetensors|tmp)$"
@@ -149,6 +149,7 @@ Writer = Callable[[Path], None]
 def commit(folder: str | Path, files: dict[str, Writer], tag: str = "") -> None:
     """Replace ``folder``'s files named in ``files`` together (old set or new on a kill).
 
+    The one atomic write of mlx_braces (a single file is a commit of one).
     Each value writes the new content of its file to the temporary path it is given.
     ``tag`` names the commit's kill points for tests (``write:NAME@tag``,
     ``journal@tag``, ``rename:NAME@tag``, ``done@tag``). On an error nothing

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.gguf is not None:
             if args.tokenizer is not None:
                 parser.error("--tokenizer belongs to --llama2c")
-            from .gguf import convert_gguf
+            from .conversion.gguf import convert_gguf
 
             out = convert_gguf(
                 args.gguf,
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--llama2c needs --tokenizer")
             if args.q_bits is not None:
                 parser.error("--q-bits is for --gguf")
-            from .llama2c import write_model_folder
+            from .conversion.llama2c import write_model_folder
 
             out = write_model_folder(
                 args.llama2c, args.tokenizer, args.mlx_path, args.dtype or "float32"

@@ -34,6 +34,8 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from . import data
+from ._compat import swapped
 from ._version import __version__
 from .quantize import add_dequantize_argument
 
@@ -406,18 +408,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"{path}: file not found")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}: line {n} is not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path}: line {n} is not a JSON object")
-            rows.append(row)
+    rows = [row for _, row in data.read_jsonl(path, EvalError)]
     if not rows:
         raise EvalError(f"{path}: no JSON lines")
     return rows
@@ -501,17 +492,13 @@ def lm_eval_model(
         raise EvalError(
             f"lm-eval tasks need lm-evaluation-harness ({e}): pip install lm-eval"
         ) from None
-    loader = mlx_eval.load
-    mlx_eval.load = lambda *args, **kwargs: (model, tokenizer)
-    try:
+    with swapped(mlx_eval, load=lambda *args, **kwargs: (model, tokenizer)):
         return mlx_eval.MLXLM(
             "mlx_braces",
             max_tokens=max_tokens,
             batch_size=batch_size,
             use_chat_template=use_chat_template,
         )
-    finally:
-        mlx_eval.load = loader
 
 
 def run_lm_eval(lm, tasks: list[str], limit=None, num_shots=None, seed=123) -> dict:
@@ -670,7 +657,7 @@ def check_output(path: str | Path) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model (with its adapter) and run every evaluation ``args`` asks for."""
-    from .adapters import load
+    from .loading import load
 
     tasks = _tasks(args)  # check the data before loading a model
     for file in args.ppl or []:

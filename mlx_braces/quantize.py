@@ -72,6 +72,12 @@ def _dequantized(m: nn.Module, dtype: mx.Dtype) -> mx.array:
     )
 
 
+def fast_dtype() -> str | None:
+    """ "float32" where MLX runs on the CPU, whose quantized matmuls are ~25x slower
+    than its float ones (README "Linux CPU"); None (stay quantized) elsewhere."""
+    return "float32" if mx.default_device().type == mx.DeviceType.cpu else None
+
+
 def add_dequantize_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """``--dequantize [DTYPE]`` on a CLI's ``parser``; ``what`` is what it runs on."""
 

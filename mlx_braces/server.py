@@ -12,22 +12,21 @@ re-steers the loaded model in place (no reload).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import mlx_lm.server as _mlx
 
+from ._compat import base_model_key, serving
 from .adapters import (
     AdapterError,
-    ModelLoadError,
     check_base_gguf,
-    check_model_available,
     is_braces_adapter,
     recorded_model,
 )
-from .adapters import load as braces_load
+from .loading import ModelLoadError, check_model_available
+from .loading import load as braces_load
 from .models import ModelError, resolve_model
 
 
@@ -79,7 +78,7 @@ class ModelProvider(_mlx.ModelProvider):
         if isinstance(adapter_path, SteeredAdapter):
             adapter_path, steering = adapter_path.path, adapter_path.steering
         if self.model_key is not None:
-            self.model_key = self.model_key[:3]  # the key mlx-lm compares
+            self.model_key = base_model_key(self.model_key)
         model, tokenizer = super().load(model_path, adapter_path, draft_model_path)
         if steering != self._steering:
             from .steering import steer
@@ -104,16 +103,11 @@ class APIHandler(_mlx.APIHandler):
 
 def main() -> None:
     """``mlx_lm.server`` with braces adapters; its flags, with ``load`` swapped."""
-    saved = _mlx.load, _mlx.ModelProvider, _mlx._run_http_server
-    _mlx.load = braces_load
-    _mlx.ModelProvider = ModelProvider
-    _mlx._run_http_server = functools.partial(saved[2], handler_class=APIHandler)
     try:
-        _mlx.main()
+        with serving(braces_load, ModelProvider, APIHandler):
+            _mlx.main()
     except (AdapterError, ModelError, ModelLoadError) as e:
         raise SystemExit(f"Error: {e}") from None
-    finally:
-        _mlx.load, _mlx.ModelProvider, _mlx._run_http_server = saved
 
 
 if __name__ == "__main__":

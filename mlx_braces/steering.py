@@ -4,7 +4,8 @@ An attribute ``c`` is a name and a list of words. Per braced layer ℓ:
 
 - ``e_c`` (d,) is the mean of the frozen base model's layer-ℓ FFN input over the
   tokens of the attribute's words (stored in the adapter, never trained);
-- ``h_c = MLP(e_c)`` with a small trainable MLP (:class:`AttributeMLP`);
+- ``h_c = MLP(e_c)`` with a small trainable MLP (:class:`Conditional`, which also
+  holds the strengths and computes the layer's steering terms);
 - ``r_c = (R W_V)ᵀ (R h_c) / sqrt(rank)`` with the layer's own ``R``, and the FFN
   computes ``W_V (w + g (r(x) + Σ_c s_c r_c))``.
 
@@ -29,9 +30,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
-from .braces import BracedFFN, _parent_and_attr, braced_layers
+from .braces import BracedFFN, braced_layers, parent_and_attr
 
 ATTRIBUTES_DIR = Path(__file__).parent / "assets" / "attributes"
 DEFAULT_HIDDEN_DIMS = 16
@@ -39,6 +39,12 @@ DEFAULT_HIDDEN_DIMS = 16
 
 class SteeringError(ValueError):
     """A bad attribute definition, attribute label or steering request."""
+
+
+NO_ATTRIBUTES = (
+    "this adapter was trained without attributes, so it cannot steer; "
+    "train one with --attributes FILE (e.g. --attributes sentiment)"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def attribute_embeddings(
 
     captures = []
     for path, braced in layers:
-        parent, attr = _parent_and_attr(model, path)
+        parent, attr = parent_and_attr(model, path)
         captures.append((parent, attr, braced, _Capture(braced)))
         setattr(parent, attr, captures[-1][-1])
     try:
@@ -190,12 +196,23 @@ def attribute_embeddings(
 # The conditional module
 
 
-class AttributeMLP(nn.Module):
-    """``h_c = MLP(e_c)`` for the attributes of one braced layer: (n_attr, d).
+class _Strengths:
+    """The strengths ``S`` a :class:`Conditional` applies (a plain object: no params)."""
+
+    __slots__ = ("S",)
+
+    def __init__(self):
+        self.S: mx.array | None = None  # (n_attr,) or (B, n_attr)
+
+
+class Conditional(nn.Module):
+    """The conditional branch of one braced layer: ``e_c``, ``h_c = MLP(e_c)``, ``S``.
 
     ``e`` (n_attr, d) is a frozen buffer saved with the adapter. The MLP is
     ``Linear(d, h) -> SiLU -> Linear(h, d)`` (``2·d·h + h + d`` parameters); its last
     layer starts at zero, so ``r_c = 0`` and steering does nothing before training.
+    ``strengths`` (``S``, set with :meth:`set_strengths`) is not a parameter. The
+    braced layer calls :meth:`term` (training) or :meth:`offset` (inference).
     """
 
     def __init__(
@@ -215,13 +232,72 @@ class AttributeMLP(nn.Module):
         self.out.weight = mx.zeros((d, hidden_dims))
         self.out.bias = mx.zeros((d,))
         self.freeze(keys=["e"], recurse=False)
+        self._strengths = _Strengths()
+
+    @property
+    def strengths(self) -> mx.array | None:
+        """Attribute strengths ``S``: None, (n_attr,) for all rows, or (B, n_attr)."""
+        return self._strengths.S
+
+    def set_strengths(self, strengths: mx.array | None) -> None:
+        """Set (or clear, with None) the strengths ``S`` used by the next calls."""
+        n = self["e"].shape[0]
+        if strengths is not None and (
+            strengths.ndim not in (1, 2) or strengths.shape[-1] != n
+        ):
+            raise ValueError(
+                f"steering strengths must have shape (n_attr,) or (B, n_attr) with "
+                f"n_attr={n}, got {tuple(strengths.shape)}"
+            )
+        self._strengths.S = strengths
 
     def arrays(self) -> list[mx.array]:
-        """Every array ``h_c`` depends on (the steering cache's key)."""
-        return [v for _, v in tree_flatten(self.parameters())]
+        """Every array ``h_c`` depends on (the offset's cache key), found quickly."""
+        up, out = self["up"], self["out"]
+        return [self["e"], up["weight"], up["bias"], out["weight"], out["bias"]]
 
     def __call__(self) -> mx.array:
+        """``h_c = MLP(e_c)``: (n_attr, d)."""
         return self.out(nn.silu(self.up(self.e)))
+
+    def relevance(self, braced: BracedFFN) -> mx.array:
+        """``r_c`` (n_attr, d_ff): the relevance in ``braced`` of every ``h_c``."""
+        return braced.relevance(self())
+
+    def term(self, braced: BracedFFN, x: mx.array) -> mx.array | None:
+        """``S r_c`` fp32, broadcasting over ``x``'s rows (the train path); None
+        unsteered: (d_ff,) for one ``S``, (B, 1, ..., d_ff) for one per row."""
+        S = self._strengths.S
+        if S is None:
+            return None
+        return _per_row(S.astype(mx.float32) @ self.relevance(braced), x)
+
+    def offset(self, braced: BracedFFN, x: mx.array) -> mx.array | None:
+        """``(S h_c) Rᵀ`` fp32 (rank,) or (B, 1, ..., rank), None unsteered; kept in
+        ``braced``'s cache outside training. ``S r_c`` is the relevance of this
+        offset of ``R x``."""
+        S = self._strengths.S
+        if S is None:
+            return None
+        R = braced["R"]
+        value = braced.cached(
+            "steering",
+            (R, S, *self.arrays()),
+            lambda: (S.astype(mx.float32) @ self()) @ R.T,
+        )
+        return _per_row(value, x)
+
+
+def _per_row(term: mx.array, x: mx.array) -> mx.array:
+    """A (n,) term as is; a (B, n) one reshaped to broadcast over ``x``'s rows."""
+    if term.ndim == 1:
+        return term
+    if term.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"steering has {term.shape[0]} rows of strengths but the "
+            f"batch has {x.shape[0]} rows"
+        )
+    return term.reshape(term.shape[0], *(1,) * (x.ndim - 2), -1)
 
 
 class _AttributeSet:
@@ -240,7 +316,7 @@ def install_attributes(
     contrast: bool = True,
     seed: int | None = None,
 ) -> nn.Module:
-    """Give every braced layer an :class:`AttributeMLP` (``cond``) for ``attributes``.
+    """Give every braced layer a :class:`Conditional` (``cond``) for ``attributes``.
 
     ``embeddings`` are the per-layer ``e_c`` (zeros when None: an adapter's saved
     values are loaded over them). ``contrast``: see :func:`effective_strengths`.
@@ -266,13 +342,12 @@ def install_attributes(
                 f"attribute embeddings of layer {i} have shape "
                 f"{tuple(embeddings[i].shape)}, expected {(n, braced.dims)}"
             )
-        cond = AttributeMLP(
+        cond = Conditional(
             embeddings[i], hidden_dims, None if keys is None else keys[i]
         )
         cond.spec = spec
         cond.train(braced.training)
-        braced.cond = cond
-        braced.set_steering(None)
+        braced.cond = cond  # unsteered: a new Conditional has no strengths
     return model
 
 
@@ -393,10 +468,7 @@ def strengths_array(
         return None
     names = attribute_names(model)
     if not names:
-        raise SteeringError(
-            "this adapter was trained without attributes, so it cannot steer; "
-            "train one with --attributes FILE (e.g. --attributes sentiment)"
-        )
+        raise SteeringError(NO_ATTRIBUTES)
     if isinstance(strengths, Mapping):
         S = mx.array(_strength_row(names, strengths), dtype=mx.float32)
     else:
@@ -406,6 +478,11 @@ def strengths_array(
     S = effective_strengths(model, S)
     mx.eval(S)
     return S
+
+
+def _conditionals(model: nn.Module) -> list[Conditional]:
+    """The conditional branch of every braced layer ([] without attributes)."""
+    return [c for _, m in braced_layers(model) if (c := m.get("cond")) is not None]
 
 
 def steer(
@@ -419,26 +496,33 @@ def steer(
     :class:`SteeringError` for unknown attributes or an adapter without attributes.
     """
     S = strengths_array(model, strengths)
-    for _, braced in braced_layers(model):
-        braced.set_steering(S)
+    for cond in _conditionals(model):
+        cond.set_strengths(S)
 
 
-@contextlib.contextmanager
 def steering(
     model: nn.Module,
     strengths: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None,
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """``with steering(model, {...}):`` steer inside the block, then restore."""
-    S = strengths_array(model, strengths)
-    layers = [m for _, m in braced_layers(model)]
-    before = [m.steering for m in layers]
+    return using_strengths(model, strengths_array(model, strengths))
+
+
+@contextlib.contextmanager
+def using_strengths(model: nn.Module, S: mx.array | None) -> Iterator[None]:
+    """Every layer steered by ``S`` (effective strengths: (n_attr,) or (B, n_attr),
+    or None) inside the block; the strengths before are restored after it."""
+    conds = _conditionals(model)
+    if S is not None and not conds:
+        raise SteeringError(NO_ATTRIBUTES)
+    before = [c.strengths for c in conds]
     try:
-        for m in layers:
-            m.set_steering(S)
+        for c in conds:
+            c.set_strengths(S)
         yield
     finally:
-        for m, s in zip(layers, before):
-            m.set_steering(s)
+        for c, s in zip(conds, before):
+            c.set_strengths(s)
 
 
 # ---------------------------------------------------------------------------
@@ -450,9 +534,9 @@ def attribute_labels(dataset: Any, key: str = "attribute") -> list[str | None]:
 
     Unwraps ``CacheDataset`` -> ``TextDataset``/``ChatDataset``/... -> records.
     """
-    records = dataset
-    while not isinstance(records, (list, tuple)) and hasattr(records, "_data"):
-        records = records._data
+    from ._compat import dataset_records
+
+    records = dataset_records(dataset)
     if len(records) != len(dataset) or (
         len(records) and not isinstance(records[0], Mapping)
     ):
@@ -500,75 +584,20 @@ class AttributeDataset:
         return len(self._data)
 
 
-def iterate_batches(
-    dataset: Any,
-    batch_size: int,
-    max_seq_length: int,
-    loop: bool = False,
-    seed: int | None = None,
-    comm_group: Any = None,
-    start: int = 0,
-) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
-    """Batches of an :class:`AttributeDataset`: ``(tokens, lengths, strengths)``.
+def labelled(model: nn.Module, dataset: Any, source: str = "example") -> Any:
+    """``dataset`` with per-row strengths from its labels if ``model`` has attributes.
 
-    Like mlx-lm (and ``mlx_braces.trainer``): examples sorted by length, cut into
-    fixed batches shuffled per epoch (epoch ``e`` by ``(seed, e)``; in order when
-    ``seed`` is None; ``start`` skips batches), padded by mlx-lm's own code. Yields
-    (B, L) int32, (B, 2) (offset, length) and (B, n_attr) float32 strengths.
+    An :class:`AttributeDataset` for an adapter with attributes (so its loss is the
+    steered one, in training, validation and testing alike); else ``dataset`` itself,
+    as it is when its items already carry strengths.
     """
-    from mlx_lm.tuner.trainer import iterate_batches as pad_batches
-
-    if len(dataset) < batch_size:
-        raise ValueError(
-            f"Dataset must have at least batch_size={batch_size} examples but only "
-            f"has {len(dataset)}."
-        )
-    rank, size = (
-        (0, 1) if comm_group is None else (comm_group.rank(), comm_group.size())
-    )
-    if batch_size % size != 0:
-        raise ValueError("The batch size must be divisible by the number of workers")
-    idx = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
-    batch_idx = [
-        idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)
-    ]
-    epoch, pos = divmod(start, len(batch_idx))
-    while True:
-        order = np.arange(len(batch_idx))
-        if seed is not None:
-            order = np.random.default_rng([seed, epoch]).permutation(len(batch_idx))
-        for i in order[pos:]:
-            items = [dataset[j] for j in batch_idx[i]]  # ascending length: mlx-lm's
-            one = [(list(t[:max_seq_length]), o) for t, o, _ in items]  # order too
-            tokens, lengths = next(
-                pad_batches(one, batch_size, max_seq_length, comm_group=comm_group)
-            )
-            rows = [r for *_, r in items][rank::size]
-            yield tokens, lengths, mx.array(rows, dtype=mx.float32)
-        if not loop:
-            break
-        epoch, pos = epoch + 1, 0
-
-
-def loss(
-    model: nn.Module, batch: mx.array, lengths: mx.array, labels: mx.array
-) -> tuple[mx.array, mx.array]:
-    """The trainer's ``default_loss`` with each row steered by its labels (B, n_attr).
-
-    A labelled row is one-hot (``s = +1`` on its attribute, then
-    :func:`effective_strengths`); an unlabelled row is zeros.
-    """
-    from .trainer import default_loss
-
-    S = effective_strengths(model, labels)
-    layers = [m for _, m in braced_layers(model)]
-    for m in layers:
-        m.set_steering(S)
-    try:
-        return default_loss(model, batch, lengths)
-    finally:
-        for m in layers:
-            m.set_steering(None)
+    names = attribute_names(model)
+    if not names or not dataset or isinstance(dataset, AttributeDataset):
+        return dataset
+    first = dataset[0]
+    if isinstance(first, tuple) and len(first) == 3:  # already (tokens, offset, S)
+        return dataset
+    return AttributeDataset(dataset, names, source=source)
 
 
 def prepare_training(
@@ -579,11 +608,11 @@ def prepare_training(
     valid_set: Any = None,
     hidden_dims: int = DEFAULT_HIDDEN_DIMS,
     seed: int | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[Any, Any]:
     """Add ``attributes`` to a braced ``model`` and label its training data.
 
-    Returns ``(train_set, valid_set, kwargs)`` where ``kwargs`` (``loss``,
-    ``iterate_batches``) go to ``mlx_braces.trainer.train``.
+    Returns ``(train_set, valid_set)`` as :class:`AttributeDataset`: their batches
+    carry per-row strengths, which ``mlx_braces.trainer``'s loss steers by.
     """
     add_attributes(model, tokenizer, attributes, hidden_dims, seed=seed)
     names = attribute_names(model)
@@ -593,6 +622,4 @@ def prepare_training(
             "no training example has an 'attribute' field; label the lines of "
             f"train.jsonl with one of: {', '.join(names)}"
         )
-    if valid_set:
-        valid_set = AttributeDataset(valid_set, names, source="validation example")
-    return train_set, valid_set, {"loss": loss, "iterate_batches": iterate_batches}
+    return train_set, labelled(model, valid_set, "validation example")

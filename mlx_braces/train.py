@@ -27,38 +27,46 @@ import yaml
 from mlx_lm.cli_ui import rprint
 
 from .adapters import (
+    METRICS_NAME,
     WEIGHTS_NAME,
     AdapterError,
+    append_metrics,
+    check_adapter_folder,
     check_base_gguf,
     load_adapter,
+    load_weights_file,
 )
 from .braces import apply_braces, print_trainable_parameters
+from .data import DataError, check_batch_size, load_datasets
+from .models import (
+    EMBEDDED_DATA,
+    EMBEDDED_MODEL,
+    NAMED_MODELS,
+    QUICKSTART_DATA,
+    QUICKSTART_MODEL,
+    is_local_path,
+    named_model,
+)
 from .quantize import (
     QuantizeError,
     add_dequantize_argument,
     dequantize_dtype,
     dequantize_model,
     dtype_name,
+    fast_dtype,
     is_quantized,
     quantize_base,
 )
 from .trainer import (
-    METRICS_NAME,
     Callbacks,
     TrainingArgs,
     TrainingError,
     TrainingInterrupted,
-    check_adapter_folder,
     default_loss,
     evaluate,
     iterate_batches,
-    load_weights_file,
     train,
 )
-
-ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_MODEL = ASSETS / "stories260K"
-EMBEDDED_DATA = ASSETS / "sst2"
 
 __all__ = [
     "CONFIG_DEFAULTS",
@@ -77,21 +85,24 @@ __all__ = [
     "train",
 ]
 
+# mlx_lm.lora's optimizers, by the name its --optimizer takes.
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "muon": optim.Muon,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
+
 # mlx-lm's defaults, except: braces on every layer (a brace costs rank·d + 1
 # parameters and <1% of its FFN's compute), a learning rate for R and the gate
-# (see README), no model/data (the embedded ones), and training without --train.
+# (see README), no model/data (the quickstart's), and training without --train.
 CONFIG_DEFAULTS = {
     "model": None,
     "train": False,
     "data": None,
     "optimizer": "adam",
-    "optimizer_config": {
-        "adam": {},
-        "adamw": {},
-        "muon": {},
-        "sgd": {},
-        "adafactor": {},
-    },
+    "optimizer_config": {name: {} for name in OPTIMIZERS},
     "seed": 0,
     "num_layers": -1,
     "batch_size": 4,
@@ -124,8 +135,34 @@ CONFIG_DEFAULTS = {
     "overwrite": False,
 }
 
-# With no --model: a run of the embedded model that ends within a minute on 2 cores,
-# at the learning rate that did best on it (README: "Learning rate").
+# With no --model, the quickstart: SmolLM2-135M-Instruct learns to answer "is this
+# review positive or negative?" with the one-word label, in about a minute on 2 CPU
+# cores. Picked by a sweep (README "Training"): all layers (the last 8 alone collapse
+# to one label), 25 steps (20 are still biased), and gate -3 at lr 2e-3, the setting
+# whose worse seed did best (gate -2 at 3e-3 collapsed on seed 1); float32 on a CPU,
+# where 4-bit matmuls are ~25x slower (see --dequantize).
+QUICKSTART_DEFAULTS = {
+    "data": str(QUICKSTART_DATA),
+    "mask_prompt": True,
+    "iters": 25,
+    "learning_rate": 2e-3,
+    "gate_init": -3.0,
+    "steps_per_report": 5,
+    "steps_per_eval": 25,
+    "val_batches": 2,
+    "save_every": 25,
+}
+
+QUICKSTART_NOTE = (
+    'Quickstart: braces teach SmolLM2-135M-Instruct to answer "Is this movie review '
+    'positive or negative?" with one word, from 100 SST-2 reviews; then '
+    "`python -m mlx_braces.generate` shows the base model's answer and the braced "
+    "one. (Offline: --model stories260k.)"
+)
+
+# With --model stories260k: the embedded toy, quantized to 4 bits, on the embedded
+# SST-2 text; a run that ends within a minute on 2 cores, at the learning rate that
+# did best on it (README: "Learning rate"). It needs no download (offline, tests).
 EMBEDDED_DEFAULTS = {
     "iters": 200,
     "learning_rate": 1e-2,
@@ -143,195 +180,168 @@ DATA_KEYS = {
 }
 IGNORED_KEYS = {"fine_tune_type", "lora_parameters"}
 
-FORMATS = (
-    'text {"text": ...}, completions {"prompt": ..., "completion": ...}, '
-    'chat {"messages": [...]}, tools {"messages": [...], "tools": [...]}'
-)
-
 
 class UsageError(ValueError):
     """A flag, config file or model the user gave that cannot be used."""
-
-
-class DataError(UsageError):
-    """A dataset that cannot be trained on; the message names the file and line."""
 
 
 # ---------------------------------------------------------------------------
 # Command line and YAML
 
 
+# The command line, in mlx_lm.lora's order: (flags, type or FLAG, help). Every default
+# is None, so that YAML and CONFIG_DEFAULTS fill what the command line leaves out.
+FLAG = "store_true"
+OPTIONS = [
+    (
+        ["--model"],
+        str,
+        "The path to the local model directory or Hugging Face repo, a named model "
+        "(smollm2-135m-instruct, gemma-3-270m, stories260k) or a FILE.gguf "
+        "(default: the quickstart, smollm2-135m-instruct; stories260k is embedded and "
+        "trains 4-bit quantized, offline).",
+    ),
+    (["--train"], FLAG, "Do training (the default)."),
+    (
+        ["--data"],
+        str,
+        "Directory with {train, valid, test}.jsonl files or the name of a Hugging "
+        "Face dataset (default: the quickstart's embedded SST-2 question, or with "
+        "--model stories260k the embedded SST-2 text).",
+    ),
+    (
+        ["--optimizer"],
+        str,
+        f"Optimizer to use for training: {', '.join(OPTIMIZERS)}.",
+    ),
+    (["--mask-prompt"], FLAG, "Mask the prompt in the loss when training."),
+    (
+        ["--num-layers"],
+        int,
+        "Number of layers to brace, counted from the last. Default is -1: all.",
+    ),
+    (["--rank"], int, "Rank of each brace's R (default 16)."),
+    (
+        ["--gate-init"],
+        float,
+        "Initial gate logit: g = sigmoid(gate) (default -5.0, g ≈ 0.0067).",
+    ),
+    (
+        ["--attributes"],
+        str,
+        "Train steering attributes: a YAML/JSON file {name: [words]} or a shipped "
+        'set (sentiment); data lines carry "attribute": name.',
+    ),
+    (["--batch-size"], int, "Minibatch size."),
+    (
+        ["--iters"],
+        int,
+        "Iterations to train for (default 1000; quickstart 25, stories260k 200).",
+    ),
+    (
+        ["--epochs"],
+        int,
+        "Train for this many passes over the training set instead of --iters "
+        "(iters = epochs * (examples // batch size)).",
+    ),
+    (
+        ["--val-batches"],
+        int,
+        "Number of validation batches, -1 uses the entire validation set.",
+    ),
+    (
+        ["--learning-rate"],
+        float,
+        "Adam learning rate (default 1e-3; quickstart 2e-3, stories260k 1e-2).",
+    ),
+    (["--steps-per-report"], int, "Number of training steps between loss reporting."),
+    (["--steps-per-eval"], int, "Number of training steps between validations."),
+    (
+        ["--grad-accumulation-steps"],
+        int,
+        "Number of steps to accumulate before each optimizer update.",
+    ),
+    (
+        ["--resume"],
+        FLAG,
+        "Continue exactly from the last checkpoint in --adapter-path.",
+    ),
+    (
+        ["--resume-adapter-file"],
+        str,
+        "Load path to resume training from the given fine-tuned weights (weights "
+        "only: a fresh optimizer; see --resume).",
+    ),
+    (["--adapter-path"], str, "Save/load path for the fine-tuned weights."),
+    (
+        ["--overwrite"],
+        FLAG,
+        "Replace an adapter of another kind (e.g. mlx-lm LoRA) in --adapter-path.",
+    ),
+    (["--save-every"], int, "Save the model every N iterations."),
+    (
+        ["--test"],
+        FLAG,
+        "Evaluate on the test set after training (without --train: evaluate the "
+        "adapter in --adapter-path).",
+    ),
+    (
+        ["--test-batches"],
+        int,
+        "Number of test set batches, -1 uses the entire test set.",
+    ),
+    (["--max-seq-length"], int, "Maximum sequence length."),
+    (["-c", "--config"], str, "A YAML configuration file with the training options."),
+    (["--grad-checkpoint"], FLAG, "Use gradient checkpointing to reduce memory use."),
+    (
+        ["--clear-cache-threshold"],
+        "size",
+        "Clear the allocator cache between steps if it grows too large.",
+    ),
+    (
+        ["--report-to"],
+        str,
+        "Services to report logs to ('wandb', 'swanlab', or 'wandb,swanlab').",
+    ),
+    (
+        ["--project-name"],
+        str,
+        "Project name for logging. Defaults to the name of the root directory.",
+    ),
+    (["--seed"], int, "The PRNG seed."),
+    (
+        ["--trust-remote-code"],
+        FLAG,
+        "Enable trusting remote code for tokenizer/model loading.",
+    ),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """mlx_lm.lora's parser, with the braces options instead of LoRA's."""
-    from mlx_lm.utils import _parse_size
+    from ._compat import parse_size
 
     parser = argparse.ArgumentParser(
         prog="mlx_braces.train",
         description="Braces fine-tuning (LLM Braces) of an mlx-lm model.",
     )
-    parser.add_argument(
-        "--model",
-        type=str,
-        help="The path to the local model directory or Hugging Face repo, a named "
-        "model (smollm2-135m-instruct, gemma-3-270m, stories260k) or a FILE.gguf "
-        "(default: the embedded stories260K, quantized to 4 bits).",
-    )
-    parser.add_argument(
-        "--train", action="store_true", default=None, help="Do training (the default)."
-    )
-    parser.add_argument(
-        "--data",
-        type=str,
-        help="Directory with {train, valid, test}.jsonl files or the name of a "
-        "Hugging Face dataset (default: the embedded SST-2 subset).",
-    )
-    parser.add_argument(
-        "--optimizer",
-        type=str,
-        choices=["adam", "adamw", "muon", "sgd", "adafactor"],
-        default=None,
-        help="Optimizer to use for training: adam, adamw, muon, sgd, or adafactor.",
-    )
-    parser.add_argument(
-        "--mask-prompt",
-        action="store_true",
-        default=None,
-        help="Mask the prompt in the loss when training.",
-    )
-    parser.add_argument(
-        "--num-layers",
-        type=int,
-        help="Number of layers to brace, counted from the last. Default is -1: all.",
-    )
-    parser.add_argument("--rank", type=int, help="Rank of each brace's R (default 16).")
-    parser.add_argument(
-        "--gate-init",
-        type=float,
-        help="Initial gate logit: g = sigmoid(gate) (default -5.0, g ≈ 0.0067).",
-    )
-    parser.add_argument(
-        "--attributes",
-        help="Train steering attributes: a YAML/JSON file {name: [words]} or a "
-        'shipped set (sentiment); data lines carry "attribute": name.',
-    )
-    parser.add_argument("--batch-size", type=int, help="Minibatch size.")
-    parser.add_argument(
-        "--iters",
-        type=int,
-        help="Iterations to train for (default 1000; 200 with the embedded model).",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        help="Train for this many passes over the training set instead of --iters "
-        "(iters = epochs * (examples // batch size)).",
-    )
-    parser.add_argument(
-        "--val-batches",
-        type=int,
-        help="Number of validation batches, -1 uses the entire validation set.",
-    )
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        help="Adam learning rate (default 1e-3; 1e-2 with the embedded model).",
-    )
-    parser.add_argument(
-        "--steps-per-report",
-        type=int,
-        help="Number of training steps between loss reporting.",
-    )
-    parser.add_argument(
-        "--steps-per-eval",
-        type=int,
-        help="Number of training steps between validations.",
-    )
-    parser.add_argument(
-        "--grad-accumulation-steps",
-        type=int,
-        help="Number of steps to accumulate before each optimizer update.",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="Continue exactly from the last checkpoint in --adapter-path.",
-    )
-    parser.add_argument(
-        "--resume-adapter-file",
-        type=str,
-        help="Load path to resume training from the given fine-tuned weights "
-        "(weights only: a fresh optimizer; see --resume).",
-    )
-    parser.add_argument(
-        "--adapter-path", type=str, help="Save/load path for the fine-tuned weights."
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="Replace an adapter of another kind (e.g. mlx-lm LoRA) in --adapter-path.",
-    )
-    parser.add_argument(
-        "--save-every", type=int, help="Save the model every N iterations."
-    )
-    parser.add_argument(
-        "--test",
-        action="store_true",
-        default=None,
-        help="Evaluate on the test set after training (without --train: evaluate "
-        "the adapter in --adapter-path).",
-    )
-    parser.add_argument(
-        "--test-batches",
-        type=int,
-        help="Number of test set batches, -1 uses the entire test set.",
-    )
-    parser.add_argument("--max-seq-length", type=int, help="Maximum sequence length.")
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=str,
-        help="A YAML configuration file with the training options.",
-    )
-    parser.add_argument(
-        "--grad-checkpoint",
-        action="store_true",
-        default=None,
-        help="Use gradient checkpointing to reduce memory use.",
-    )
-    parser.add_argument(
-        "--clear-cache-threshold",
-        type=_parse_size,
-        help="Clear the allocator cache between steps if it grows too large.",
-    )
-    parser.add_argument(
-        "--report-to",
-        type=str,
-        help="Services to report logs to ('wandb', 'swanlab', or 'wandb,swanlab').",
-    )
-    parser.add_argument(
-        "--project-name",
-        type=str,
-        help="Project name for logging. Defaults to the name of the root directory.",
-    )
-    parser.add_argument("--seed", type=int, help="The PRNG seed.")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        default=None,
-        help="Enable trusting remote code for tokenizer/model loading.",
-    )
+    for flags, kind, text in OPTIONS:
+        if kind == FLAG:
+            parser.add_argument(*flags, action=FLAG, default=None, help=text)
+        else:
+            kind = parse_size if kind == "size" else kind
+            choices = list(OPTIMIZERS) if flags == ["--optimizer"] else None
+            parser.add_argument(*flags, type=kind, choices=choices, help=text)
     add_dequantize_argument(parser, "Train on")
     return parser
 
 
 def _read_yaml(file: str) -> dict[str, Any]:
-    from mlx_lm.lora import yaml_loader  # mlx-lm's loader: reads 1e-5 as a float
+    from ._compat import yaml_loader  # mlx-lm's loader: reads 1e-5 as a float
 
     try:
         with open(file) as f:
-            config = yaml.load(f, yaml_loader)
+            config = yaml.load(f, yaml_loader())
     except OSError as e:
         raise UsageError(f"{file}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -351,8 +361,11 @@ def _read_yaml(file: str) -> dict[str, Any]:
 def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
     """Merge command line > YAML (``config``) > defaults, as mlx_lm.lora does.
 
-    Also: with no --model the embedded quickstart defaults fill what was not given;
-    ``--epochs`` replaces ``--iters`` unless iters was given at a higher level.
+    Also: with no --model the quickstart defaults (and with ``--model stories260k``
+    the embedded model's) fill what was not given; ``--epochs`` replaces ``--iters``
+    unless iters was given at a higher level. ``embedded`` says whether the model is
+    the embedded stories260K, which is trained 4-bit quantized; ``quickstart`` that
+    no model was given.
     """
     args = dict(cli)
     given = {k for k, v in cli.items() if v is not None}
@@ -386,10 +399,17 @@ def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
         )
     if ie < ii:
         args["epochs"] = None
-    if args.get("model") is None:
-        for k, v in EMBEDDED_DEFAULTS.items():
-            if args.get(k) is None:
-                args[k] = v
+    defaults = {}
+    quickstart = args.get("model") is None
+    if quickstart:
+        args["model"] = QUICKSTART_MODEL
+        defaults = {**QUICKSTART_DEFAULTS, "dequantize": fast_dtype()}
+    embedded = named_model(args["model"]) is NAMED_MODELS["stories260k"]
+    if embedded:
+        defaults = EMBEDDED_DEFAULTS
+    for k, v in defaults.items():
+        if args.get(k) is None:
+            args[k] = v
     for k, v in CONFIG_DEFAULTS.items():
         if args.get(k) is None:
             args[k] = v
@@ -397,6 +417,7 @@ def resolve_args(cli: dict[str, Any]) -> types.SimpleNamespace:
         args["train"] = True
     args = types.SimpleNamespace(**args)
     _check_args(args, from_yaml)
+    args.embedded, args.quickstart = embedded, quickstart
     return args
 
 
@@ -408,7 +429,6 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-OPTIMIZERS = ("adam", "adamw", "muon", "sgd", "adafactor")
 CHECKS = [  # (options, test, what they must be)
     (
         ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every"),
@@ -493,12 +513,12 @@ CHECKS = [  # (options, test, what they must be)
 
 def _check_args(args: types.SimpleNamespace, from_yaml: set[str] = frozenset()) -> None:
     """Types and ranges of every option; a YAML value's error names its file."""
-    from mlx_lm.utils import _parse_size
+    from ._compat import parse_size
 
     size = getattr(args, "clear_cache_threshold", None)
     if "clear_cache_threshold" in from_yaml and isinstance(size, str):
-        with contextlib.suppress(Exception):  # _parse_size: decimal errors too
-            args.clear_cache_threshold = _parse_size(size)
+        with contextlib.suppress(Exception):  # parse_size: decimal errors too
+            args.clear_cache_threshold = parse_size(size)
     for keys, ok, what in CHECKS:
         for k in keys:
             if not hasattr(args, k) or ok(getattr(args, k)):
@@ -531,10 +551,6 @@ def _check_args(args: types.SimpleNamespace, from_yaml: set[str] = frozenset()) 
 # Model
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1
-
-
 def load_model(args) -> tuple[nn.Module, Any]:
     """mlx_lm.load of --model; the embedded model is quantized to 4 bits first."""
     from mlx_lm import load
@@ -542,10 +558,10 @@ def load_model(args) -> tuple[nn.Module, Any]:
     from .models import resolve_model
 
     try:  # a named model or .gguf: fetched/converted once into the cache
-        path = resolve_model(args.model) if args.model else str(EMBEDDED_MODEL)
+        path = resolve_model(args.model)
     except ValueError as e:  # ModelError, one line
         raise UsageError(str(e)) from None
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    if is_local_path(path) and not Path(path).expanduser().exists():
         raise UsageError(f"--model {path}: no such folder")
     try:
         model, tokenizer, config = load(
@@ -555,15 +571,14 @@ def load_model(args) -> tuple[nn.Module, Any]:
             return_config=True,
         )
     except (OSError, ValueError) as e:
-        from .adapters import model_load_message
+        from .loading import model_load_message
 
         raise UsageError(model_load_message(path, e)) from None
-    if args.model is None:
+    if args.embedded:
         model = quantize_embedded(model, config)
     if args.dequantize:
         if not is_quantized(model):
-            what = args.model or "the embedded model"
-            rprint(f"Note: --dequantize: {what} has no quantized layers.")
+            rprint(f"Note: --dequantize: {args.model} has no quantized layers.")
         dequantize_model(model, args.dequantize)
         rprint(f"Dequantized the quantized layers to {args.dequantize} in memory.")
     return model, tokenizer
@@ -597,211 +612,6 @@ def quantize_embedded(
 
 
 # ---------------------------------------------------------------------------
-# Data
-
-
-def _read_jsonl(file: Path) -> tuple[list[dict], list[str]]:
-    """Records of a JSONL file and where each came from ("file line N")."""
-    records, where = [], []
-    try:
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{file} line {n}: not valid JSON ({e.msg} at column {e.colno})"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise DataError(
-                        f"{file} line {n}: expected a JSON object, got "
-                        f"{type(record).__name__}"
-                    )
-                records.append(record)
-                where.append(f"{file} line {n}")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text ({e})") from None
-    return records, where
-
-
-def _data_format(sample: dict, args) -> str | None:
-    """The mlx-lm format ``create_dataset`` will pick for ``sample`` (same order)."""
-    if _feature(args, "prompt") in sample and _feature(args, "completion") in sample:
-        return "completions"
-    if _feature(args, "chat", "messages") in sample:
-        return "tools" if "tools" in sample else "chat"
-    if _feature(args, "text") in sample:
-        return "text"
-    return None
-
-
-def _feature(args, name: str, default: str | None = None) -> str:
-    return getattr(args, f"{name}_feature", None) or default or name
-
-
-def _check_records(records: list, where: list[str], args) -> str:
-    """Every record has the keys and types of the format its first record sets."""
-    fmt = _data_format(records[0], args)
-    if fmt is None:
-        raise DataError(
-            f"{where[0]}: no mlx-lm data format fits its keys "
-            f"({', '.join(map(repr, records[0])) or 'none'}); expected one of: {FORMATS}"
-        )
-    if fmt == "completions":
-        keys = {_feature(args, "prompt"): str, _feature(args, "completion"): str}
-    elif fmt == "text":
-        keys = {_feature(args, "text"): str}
-    else:
-        keys = {_feature(args, "chat", "messages"): list}
-    for record, w in zip(records, where):
-        missing = [k for k in keys if k not in record]
-        if missing:
-            raise DataError(
-                f"{w}: missing key {', '.join(map(repr, missing))} (found "
-                f"{', '.join(map(repr, record)) or 'no keys'}); {where[0]} made this a "
-                f"{fmt} dataset. Formats: {FORMATS}"
-            )
-        for k, t in keys.items():
-            if not isinstance(record[k], t):
-                raise DataError(
-                    f"{w}: '{k}' must be a {'string' if t is str else 'list'}, got "
-                    f"{type(record[k]).__name__}"
-                )
-        if fmt in ("chat", "tools"):
-            for m in record[next(iter(keys))]:
-                if not isinstance(m, dict) or "role" not in m:
-                    raise DataError(
-                        f"{w}: every message must be an object with 'role' and "
-                        f"'content', got {json.dumps(m)[:80]}"
-                    )
-    return fmt
-
-
-def _load_split(records, where, label: str, args, tokenizer, model_name: str):
-    """Check, build (mlx-lm's create_dataset) and tokenize one split."""
-    from mlx_lm.tuner.datasets import CacheDataset, create_dataset
-
-    fmt = _check_records(records, where, args)
-    if fmt != "text" and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            f"{label} is a {fmt} dataset, which mlx-lm formats with the tokenizer's "
-            f"chat template, but the tokenizer of {model_name} has none; use a text "
-            'dataset ({"text": ...}) or a model with a chat template'
-        )
-    try:
-        dataset = create_dataset(records, tokenizer, args)
-    except ValueError as e:  # --mask-prompt on a text dataset
-        raise DataError(f"{label}: {e} Use a completions or chat dataset.") from None
-    dataset = CacheDataset(dataset)
-    lengths = []
-    for i, w in enumerate(where):
-        try:
-            tokens, offset = dataset[i]
-        except Exception as e:  # the tokenizer or chat template rejects a record
-            raise DataError(f"{w}: cannot tokenize ({type(e).__name__}: {e})") from None
-        lengths.append((len(tokens), offset))
-    long = [n for n, _ in lengths if n > args.max_seq_length]
-    if long:
-        rprint(
-            f"Warning: {len(long)} of {len(lengths)} examples in {label} are longer "
-            f"than --max-seq-length {args.max_seq_length} tokens (longest {max(long)});"
-            " they will be truncated."
-        )
-    if args.mask_prompt:
-        empty = sum(o >= min(n, args.max_seq_length) - 1 for n, o in lengths)
-        if empty:
-            rprint(
-                f"Warning: {empty} examples in {label} have no completion tokens left "
-                "to train on (prompt at least --max-seq-length long)."
-            )
-    return dataset
-
-
-def load_datasets(args, tokenizer) -> tuple[Any, Any, Any]:
-    """(train, valid, test) from --data: a folder of JSONL files or a Hub dataset.
-
-    Uses mlx-lm's dataset classes; every record is checked and tokenized up front so
-    that bad input fails before training with the file and line it came from.
-    """
-    data = args.data or str(EMBEDDED_DATA)
-    model_name = args.model or "the embedded model"
-    names = ("train", "valid", "test")
-    splits: dict[str, tuple[list, list[str]]] = {}
-    if getattr(args, "hf_dataset", None):  # mlx-lm's YAML-only Hub datasets, as is
-        from mlx_lm.tuner.datasets import CacheDataset, load_custom_hf_dataset
-
-        datasets = load_custom_hf_dataset(args, tokenizer)
-        return tuple(CacheDataset(d) if len(d) else [] for d in datasets)
-    if Path(data).expanduser().is_dir():
-        folder = Path(data).expanduser()
-        for n in names:
-            file = folder / f"{n}.jsonl"
-            splits[n] = _read_jsonl(file) if file.is_file() else ([], [])
-        label = {n: str(Path(data) / f"{n}.jsonl") for n in names}
-    elif _looks_local(data) or Path(data).expanduser().exists():
-        raise DataError(
-            f"--data {data}: not a folder; expected a folder with train.jsonl, "
-            "valid.jsonl (and test.jsonl) or a Hugging Face dataset name"
-        )
-    else:
-        from mlx_lm.tuner.datasets import load_hf_dataset
-
-        rprint(f"Loading Hugging Face dataset {data}.")
-        try:
-            datasets = load_hf_dataset(data, tokenizer, args)
-        except ImportError:
-            raise DataError(
-                f"--data {data}: not a local folder, and reading Hugging Face datasets "
-                "needs the `datasets` package (pip install datasets)"
-            ) from None
-        except ValueError as e:
-            raise DataError(f"--data {data}: {e}") from None
-        splits = {
-            n: _records_of(d, f"{data} {n} split") for n, d in zip(names, datasets)
-        }
-        label = {n: f"{data} {n} split" for n in names}
-
-    train_recs, valid_recs, test_recs = (splits[n] for n in names)
-    if args.train and not train_recs[0]:
-        raise DataError(
-            f"{label['train']}: training set not found or empty; --data needs a "
-            "train.jsonl with at least --batch-size examples"
-        )
-    if args.test and not test_recs[0]:
-        raise DataError(
-            f"{label['test']}: test set not found or empty (needed by --test)"
-        )
-    out = []
-    for n, (records, where) in zip(names, (train_recs, valid_recs, test_recs)):
-        needed = (n == "train" and args.train) or (n == "test" and args.test)
-        needed = needed or (n == "valid" and args.train)
-        if not records or not needed:
-            out.append([])
-            continue
-        ds = _load_split(records, where, label[n], args, tokenizer, model_name)
-        if len(ds) < args.batch_size:
-            raise DataError(
-                f"{label[n]} has {len(ds)} examples, fewer than --batch-size "
-                f"{args.batch_size}"
-            )
-        out.append(ds)
-    if args.train and not out[1]:
-        rprint(
-            f"Warning: {label['valid']}: validation set not found or empty. "
-            "Training will proceed without validation."
-        )
-    return tuple(out)
-
-
-def _records_of(dataset, label: str) -> tuple[list, list[str]]:
-    """Records behind an mlx-lm dataset (from the Hub), for the same checks."""
-    records = list(getattr(dataset, "_data", None) or [])
-    return records, [f"{label} record {i + 1}" for i in range(len(records))]
-
-
-# ---------------------------------------------------------------------------
 # Training and testing
 
 
@@ -822,13 +632,6 @@ def build_optimizer(args) -> optim.Optimizer:
                 "warmup: 100}"
             ) from None
     name = args.optimizer.lower()
-    classes = {
-        "adam": optim.Adam,
-        "adamw": optim.AdamW,
-        "muon": optim.Muon,
-        "sgd": optim.SGD,
-        "adafactor": optim.Adafactor,
-    }
     settings = (args.optimizer_config or {}).get(name) or {}
     for k, v in settings.items():
         numbers = v if isinstance(v, (list, tuple)) else [v]
@@ -838,7 +641,7 @@ def build_optimizer(args) -> optim.Optimizer:
                 f"numbers), got {v!r}"
             )
     try:
-        return classes[name](learning_rate=lr, **settings)
+        return OPTIMIZERS[name](learning_rate=lr, **settings)
     except TypeError as e:
         raise UsageError(f"optimizer_config.{name}: {e}") from None
 
@@ -897,15 +700,12 @@ def train_model(
     try:
         apply_braces(model, args.rank, args.num_layers, args.gate_init, seed=args.seed)
     except ValueError as e:
-        raise UsageError(
-            f"cannot brace {args.model or 'the embedded model'}: {e}"
-        ) from None
-    steering = {}  # --attributes: the conditional branch, labelled data, its loss
-    if args.attributes:
+        raise UsageError(f"cannot brace {args.model}: {e}") from None
+    if args.attributes:  # the conditional branch; data with per-row strengths
         from .steering import SteeringError, prepare_training
 
         try:
-            train_set, valid_set, steering = prepare_training(
+            train_set, valid_set = prepare_training(
                 model, tokenizer, args.attributes, train_set, valid_set, seed=args.seed
             )
         except SteeringError as e:
@@ -913,11 +713,11 @@ def train_model(
     if args.resume_adapter_file:
         rprint(f"Loading fine-tuned weights from {args.resume_adapter_file}")
         load_weights_file(model, args.resume_adapter_file)
-    if world.size() > 1 and args.batch_size % world.size():
-        raise UsageError(
-            f"--batch-size {args.batch_size} must be divisible by the number of "
-            f"processes ({world.size()})"
-        )
+    try:
+        workers = world.size()
+        check_batch_size(args.batch_size, len(train_set), workers, name="--batch-size")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.epochs:
         per_epoch = len(train_set) // args.batch_size
         args.iters = args.epochs * per_epoch
@@ -929,9 +729,14 @@ def train_model(
         lr = "schedule" if args.lr_schedule else f"{args.learning_rate:.1e}"
         layers = "all" if args.num_layers == -1 else args.num_layers
         rows = [
-            ("model", str(args.model or f"{EMBEDDED_MODEL.name} (embedded, 4-bit)")),
+            (
+                "model",
+                f"{EMBEDDED_MODEL.name} (embedded, 4-bit)"
+                if args.embedded
+                else args.model,
+            ),
             ("type", f"braces · {layers} layers · rank {args.rank}"),
-            ("dataset", str(args.data or f"{EMBEDDED_DATA.name} (embedded)")),
+            ("dataset", _data_name(args.data)),
             ("optimizer", f"{args.optimizer} · lr {lr}"),
             ("batch · iters", f"{args.batch_size} · {args.iters:,}"),
             ("max seq", f"{args.max_seq_length:,}"),
@@ -944,16 +749,20 @@ def train_model(
     print_trainable_parameters(model)
 
     adapter_path = Path(args.adapter_path)
-    settings = {k: v for k, v in vars(args).items() if k not in IGNORED_KEYS}
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in IGNORED_KEYS | {"embedded", "quickstart"}
+    }
     # The base stays the quantized model; the dtype it was trained in is information.
     settings["dequantized"] = settings.pop("dequantize", None)
-    settings["model"] = args.model or str(EMBEDDED_MODEL)
-    if args.model is not None:  # a GGUF base: absolute path, base_gguf_sha256
+    if args.embedded:  # the folder, quantized in memory as the adapter records
+        settings["model"] = str(EMBEDDED_MODEL)
+        settings["base_quantization"] = {"bits": 4, "group_size": 64}
+    else:  # a GGUF base: absolute path, base_gguf_sha256
         from .models import model_record
 
         settings.update(model_record(args.model))
-    if args.model is None:
-        settings["base_quantization"] = {"bits": 4, "group_size": 64}
     training_args = TrainingArgs(
         batch_size=args.batch_size,
         iters=args.iters,
@@ -978,14 +787,31 @@ def train_model(
         val_dataset=valid_set or None,
         args=training_args,
         training_callback=training_callback,
-        **steering,
     )
 
 
+def _data_name(data: str | None) -> str:
+    """How the header names --data (the embedded sets by name)."""
+    for folder in (EMBEDDED_DATA, QUICKSTART_DATA):
+        if data is None and folder == EMBEDDED_DATA or data == str(folder):
+            return f"{folder.name} (embedded)"
+    return str(data)
+
+
 def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = None):
-    """Test loss and perplexity, printed as mlx-lm does and added to metrics.jsonl."""
+    """Test loss and perplexity, printed as mlx-lm does and added to metrics.jsonl.
+
+    The loss is validation's: an adapter with attributes is steered per row by the
+    test examples' labels.
+    """
     from tqdm import tqdm
 
+    from .steering import SteeringError, labelled
+
+    try:
+        test_set = labelled(model, test_set, "test example")
+    except SteeringError as e:
+        raise UsageError(f"--test: {e}") from None
     rank = mx.distributed.init().rank()
     n_batches = len(test_set) // args.batch_size
     if args.test_batches != -1:
@@ -998,8 +824,6 @@ def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = Non
         batch_size=args.batch_size,
         num_batches=args.test_batches,
         max_seq_length=args.max_seq_length,
-        loss=default_loss,
-        iterate_batches=iterate_batches,
         progress_callback=pbar.update if pbar else None,
     )
     if pbar is not None:
@@ -1011,11 +835,8 @@ def evaluate_model(args, model: nn.Module, test_set, iteration: int | None = Non
         row = {"type": "test", "test_loss": test_loss, "test_ppl": test_ppl}
         if iteration is not None:
             row["iteration"] = iteration
-        from .commit import resolve
-
         try:
-            with open(resolve(folder, METRICS_NAME), "a") as f:  # append: nothing lost
-                f.write(json.dumps(row) + "\n")
+            append_metrics(folder, row)
         except OSError as e:  # a read-only adapter folder: the result is printed
             rprint(
                 f"Warning: cannot add the test result to {folder / METRICS_NAME} "
@@ -1044,6 +865,8 @@ def run(args, training_callback=None) -> None:
         check_adapter_folder(args.adapter_path, args.resume, args.overwrite)
     if args.resume_adapter_file and not Path(args.resume_adapter_file).is_file():
         raise UsageError(f"--resume-adapter-file {args.resume_adapter_file}: not found")
+    if args.quickstart:
+        rprint(QUICKSTART_NOTE)
     rprint("Loading pretrained model")
     if args.adapter_path and (args.resume or not args.train):
         check_base_gguf(args.adapter_path, args.model)  # same GGUF it was trained on
@@ -1082,7 +905,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         rprint("Interrupted.")
         sys.exit(130)
-    except (UsageError, AdapterError, TrainingError) as e:
+    except (UsageError, DataError, AdapterError, TrainingError) as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(1)
 

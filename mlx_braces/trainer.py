@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -30,49 +28,45 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
-from mlx_lm.cli_ui import TrainUI, make_train_progress
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.datasets import CacheDataset
 from mlx_lm.tuner.trainer import TrainingArgs as _TrainingArgs
-from mlx_lm.tuner.trainer import _clear_cache, evaluate, grad_checkpoint
+from mlx_lm.tuner.trainer import evaluate as _mlx_evaluate
+from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.trainer import iterate_batches as _pad_batches
 
 from . import commit
+from ._compat import TrainUI, clear_cache
 from .adapters import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    adapter_parameters,
-    braces_config,
-    write_config,
-    write_weights,
+    AdapterError,
+    MetricsWriter,
+    adapter_config,
+    check_adapter_folder,
+    checkpoint_name,
+    load_resume,
+    save_checkpoint,
 )
 from .braces import braced_layers, orthonormalize
-from .commit import kill_point, resolve
-
-RESUME_NAME = "resume.safetensors"
-METRICS_NAME = "metrics.jsonl"
-_RESUME_KEY = "mlx_braces_resume"
+from .commit import kill_point
+from .data import check_batch_size
+from .steering import effective_strengths, labelled, using_strengths
 
 __all__ = [
-    "METRICS_NAME",
-    "RESUME_NAME",
     "Callbacks",
-    "MetricsWriter",
     "TrainingArgs",
     "TrainingError",
     "TrainingInterrupted",
-    "check_adapter_folder",
+    "check_batch_size",
     "default_loss",
     "evaluate",
     "iterate_batches",
-    "load_weights_file",
     "train",
 ]
 
 
 def default_loss(
-    model, batch: mx.array, lengths: mx.array
+    model, batch: mx.array, lengths: mx.array, strengths: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
     """Mean next-token cross-entropy over each row's targets: (loss, ntoks).
 
@@ -80,7 +74,12 @@ def default_loss(
     each sequence (mlx-lm 0.32 does, ml-explore/mlx-lm#1697: on a short answer that
     one target can outweigh the answer). Row b scores tokens ``lengths[b, 0] + 1``
     ... ``lengths[b, 1] - 1`` (a prompt offset, then the sequence length).
+    ``strengths`` (B, n_attr), an attribute dataset's per-row labels (one-hot, or
+    zeros when unlabelled), steer each row through their effective strengths.
     """
+    if strengths is not None:
+        with using_strengths(model, effective_strengths(model, strengths)):
+            return default_loss(model, batch, lengths)
     inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, L-1) each
     logits = model(inputs)
     steps = mx.arange(1, targets.shape[1] + 1)  # target position = token index
@@ -91,7 +90,7 @@ def default_loss(
 
 
 class TrainingError(ValueError):
-    """Training cannot go on: a non-finite loss, or a checkpoint that cannot resume."""
+    """The loop cannot go on: a non-finite loss or update (I/O: AdapterError)."""
 
 
 class TrainingInterrupted(Exception):
@@ -126,30 +125,15 @@ class TrainingArgs(_TrainingArgs):
 # Data
 
 
-class _OneBatch:
-    """The examples of one batch, truncated, for mlx-lm's padding code."""
-
-    def __init__(self, dataset, indices: list[int], max_seq_length: int):
-        self._items = []
-        for j in indices:
-            item = dataset[j]
-            tokens, offset = item if _has_offset(item) else (item, 0)
-            self._items.append((list(tokens[:max_seq_length]), offset))
-
-    def __getitem__(self, idx: int):
-        return self._items[idx]
-
-    def __len__(self):
-        return len(self._items)
-
-
-def _has_offset(item) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and not isinstance(item[0], int)
-
-
-def _length(dataset, idx: int) -> int:
-    item = dataset[idx]
-    return len(item[0] if _has_offset(item) else item)
+def _parts(item) -> tuple[Any, int, Any]:
+    """``(tokens, offset, strengths or None)`` of an item: ``tokens``,
+    ``(tokens, offset)`` or ``(tokens, offset, strengths)``."""
+    if isinstance(item, tuple) and item and not isinstance(item[0], int):
+        if len(item) == 3:
+            return item
+        if len(item) == 2:
+            return item[0], item[1], None
+    return item, 0, None
 
 
 def iterate_batches(
@@ -168,17 +152,15 @@ def iterate_batches(
     from ``(seed, e)`` (seed None: 0, so that evaluation's first ``val_batches`` are
     the same random sample every time), and the ``start``-th batch of the stream is
     reached without replaying it. Yields ``(batch, lengths)``: (B/world, L) int32
-    tokens and (B/world, 2) (offset, length), padded by mlx-lm.
+    tokens and (B/world, 2) (offset, length), padded by mlx-lm; and when the items
+    carry attribute strengths, ``(batch, lengths, strengths)``: (B/world, n_attr)
+    float32.
     """
-    if len(dataset) < batch_size:
-        raise ValueError(
-            f"Dataset must have at least batch_size={batch_size}"
-            f" examples but only has {len(dataset)}."
-        )
-    step = comm_group.size() if comm_group is not None else 1
-    if batch_size % step != 0:
-        raise ValueError("The batch size must be divisible by the number of workers")
-    idx = sorted(range(len(dataset)), key=lambda i: _length(dataset, i))
+    rank, world = (
+        (0, 1) if comm_group is None else (comm_group.rank(), comm_group.size())
+    )
+    check_batch_size(batch_size, len(dataset), world)
+    idx = sorted(range(len(dataset)), key=lambda i: len(_parts(dataset[i])[0]))
     batch_idx = [
         idx[i : i + batch_size] for i in range(0, len(idx) - batch_size + 1, batch_size)
     ]
@@ -187,14 +169,56 @@ def iterate_batches(
         rng = np.random.default_rng([seed or 0, epoch])
         order = rng.permutation(len(batch_idx))
         for i in order[pos:]:
-            one = _OneBatch(dataset, batch_idx[i], max_seq_length)
-            # mlx-lm pads the batch and takes this worker's rows (rank::world).
-            yield next(
+            items = [_parts(dataset[j]) for j in batch_idx[i]]  # ascending length
+            one = [(list(t[:max_seq_length]), o) for t, o, _ in items]
+            # mlx-lm pads the batch and takes this worker's rows (rank::world); its
+            # stable sort by length keeps the rows in this order.
+            batch, lengths = next(
                 _pad_batches(one, batch_size, max_seq_length, False, None, comm_group)
             )
+            strengths = [s for *_, s in items]
+            if all(s is None for s in strengths):
+                yield batch, lengths
+            elif any(s is None for s in strengths):
+                raise ValueError(
+                    "dataset items mix (tokens, offset, strengths) with items "
+                    "without strengths"
+                )
+            else:
+                yield batch, lengths, mx.array(strengths[rank::world], mx.float32)
         if not loop:
             break
         epoch, pos = epoch + 1, 0
+
+
+def evaluate(
+    model: nn.Module,
+    dataset,
+    batch_size: int,
+    num_batches: int,
+    max_seq_length: int = 2048,
+    loss: callable = default_loss,
+    iterate_batches: callable = iterate_batches,
+    clear_cache_threshold: int = 0,
+    progress_callback: callable | None = None,
+) -> float:
+    """Mean loss per target token over ``num_batches`` batches (-1: all).
+
+    mlx-lm's ``evaluate`` with this module's loss and batches as defaults: the one
+    path validation and ``--test`` share (with attributes, each row is steered by its
+    record's label).
+    """
+    return _mlx_evaluate(
+        model,
+        labelled(model, dataset, "evaluation example"),
+        batch_size,
+        num_batches,
+        max_seq_length,
+        loss,
+        iterate_batches,
+        clear_cache_threshold,
+        progress_callback,
+    )
 
 
 def _batch_stream(iterate, dataset, args: TrainingArgs, world, start: int):
@@ -217,197 +241,7 @@ def _batch_stream(iterate, dataset, args: TrainingArgs, world, start: int):
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints
-
-
-def _check_weights(model: nn.Module, weights: dict[str, mx.array], file: Path) -> None:
-    """Raise TrainingError unless ``weights`` are exactly ``model``'s braces tensors."""
-    expected = adapter_parameters(model)
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    if missing or extra:
-        raise TrainingError(
-            f"{file}: its braces tensors do not match this run's "
-            f"({len(missing)} missing, e.g. {(missing or ['-'])[0]}; {len(extra)} "
-            f"unexpected, e.g. {(extra or ['-'])[0]}); use the same --num-layers "
-            "and model as the run that wrote it"
-        )
-    for k, w in weights.items():
-        if w.shape != expected[k].shape:
-            raise TrainingError(
-                f"{file}: {k} has shape {tuple(w.shape)}, this run's is "
-                f"{tuple(expected[k].shape)}; use the same --rank and model as the "
-                "run that wrote it"
-            )
-        if not mx.all(mx.isfinite(w)).item():
-            raise TrainingError(f"{file}: {k} contains NaN or inf")
-
-
-def load_weights_file(model: nn.Module, file: str | Path) -> None:
-    """Load braces weights from a safetensors ``file`` into a braced ``model``."""
-    file = Path(file)
-    if not file.is_file():
-        raise TrainingError(f"{file}: not found")
-    try:
-        weights = mx.load(str(file))
-    except (RuntimeError, ValueError) as e:
-        raise TrainingError(f"{file}: cannot read ({e})") from None
-    _check_weights(model, weights, file)
-    model.load_weights(list(weights.items()), strict=False)
-
-
-def _resume_writer(model, optimizer, grad_accum, info: dict[str, Any]):
-    """Writes one safetensors file with everything a resume needs."""
-    arrays = {f"adapter.{k}": v for k, v in adapter_parameters(model).items()}
-    arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
-    if grad_accum is not None:
-        arrays.update({f"grad_accum.{k}": v for k, v in tree_flatten(grad_accum)})
-    mx.eval(arrays)
-    meta = {_RESUME_KEY: json.dumps(info), "format": "mlx"}
-    return lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=meta)
-
-
-def check_adapter_folder(
-    folder: str | Path, resume: bool = False, overwrite: bool = False
-) -> None:
-    """Refuse, before any work, an adapter folder training cannot use or would damage.
-
-    It must be a writable folder (created if missing); with ``resume`` it must hold a
-    resume checkpoint; an adapter of another kind (e.g. mlx-lm LoRA) in it is only
-    replaced with ``overwrite``. Raises TrainingError naming the path.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise TrainingError(
-            f"{folder}: is a file, not a folder (the adapter path names a folder)"
-        )
-    if resume and not resolve(folder, RESUME_NAME).is_file():
-        raise TrainingError(
-            f"{folder / RESUME_NAME}: not found, nothing to resume (train once "
-            "without --resume, or point --adapter-path at the folder of the run to "
-            "continue)"
-        )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        commit.temp_path(folder, "write_test.tmp").unlink()
-    except OSError as e:
-        raise TrainingError(
-            f"{folder}: cannot write there ({e.strerror or e}); choose another "
-            "--adapter-path"
-        ) from None
-    config = resolve(folder, CONFIG_NAME)
-    if overwrite or resume:
-        return
-    if config.is_file():
-        try:
-            kind = json.loads(config.read_text()).get("fine_tune_type")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            kind = "unreadable"
-        if kind != "braces":
-            raise TrainingError(
-                f"{folder / CONFIG_NAME}: the folder holds a {kind} adapter, not "
-                "braces; training would replace it: pass --overwrite, or choose "
-                "another --adapter-path"
-            )
-    elif resolve(folder, WEIGHTS_NAME).is_file():
-        raise TrainingError(
-            f"{folder / WEIGHTS_NAME}: an adapter without {CONFIG_NAME} (not one "
-            "mlx_braces wrote); training would replace it: pass --overwrite, or "
-            "choose another --adapter-path"
-        )
-
-
-def _load_resume(model, optimizer, file: Path):
-    """Restore weights and optimizer state from ``file``; returns (info, grad_accum)."""
-    name = file.name
-    file = resolve(file.parent, name)  # the current checkpoint, if a commit was cut
-    if not file.is_file():
-        raise TrainingError(
-            f"{file}: not found, nothing to resume (train once without --resume, "
-            "or point --adapter-path at the folder of the run to continue)"
-        )
-    try:
-        arrays, meta = mx.load(str(file), return_metadata=True)
-        info = json.loads(meta[_RESUME_KEY])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise TrainingError(f"{file}: not a resume checkpoint ({e})") from None
-
-    def part(prefix):
-        n = len(prefix)
-        return {k[n:]: v for k, v in arrays.items() if k.startswith(prefix)}
-
-    weights = part("adapter.")
-    _check_weights(model, weights, file)
-    model.load_weights(list(weights.items()), strict=False)
-
-    saved = part("optimizer.")
-    optimizer.init(model.trainable_parameters())
-    have = dict(tree_flatten(optimizer.state))
-    if set(have) != set(saved) or any(have[k].shape != saved[k].shape for k in have):
-        raise TrainingError(
-            f"{file}: its optimizer state does not fit this run's optimizer "
-            f"({type(optimizer).__name__}); resume with the same --optimizer"
-        )
-    optimizer.state = tree_map_with_path(lambda p, _: saved[p], optimizer.state)
-
-    grads = part("grad_accum.")
-    grad_accum = None
-    if grads:
-        grad_accum = tree_map_with_path(
-            lambda p, _: grads[p], model.trainable_parameters()
-        )
-    return info, grad_accum
-
-
-# ---------------------------------------------------------------------------
 # Reporting
-
-
-class MetricsWriter(TrainingCallback):
-    """Appends every report to ``metrics.jsonl`` (mlx-lm's keys plus ``type``).
-
-    Until the run's first checkpoint the reports are kept in memory: that checkpoint
-    replaces the file (``writer()``), so a run that fails before it leaves the old
-    file as it was. On resume, entries past the checkpoint's iteration (logged by
-    the interrupted run after its last save) are dropped so the file reads as one run.
-    """
-
-    def __init__(self, file: Path, start: int, resume: bool):
-        self.file = file
-        self.pending: list[str] | None = []  # None once the file is this run's
-        current = resolve(file.parent, file.name)
-        if resume and current.is_file():
-            with open(current) as f:
-                for line in f:
-                    with contextlib.suppress(ValueError):
-                        if json.loads(line).get("iteration", 0) <= start:
-                            self.pending.append(line)
-
-    def writer(self):
-        """For the first checkpoint's commit: writes the file as this run has it."""
-        text = "".join(self.pending or [])
-        return lambda tmp: Path(tmp).write_text(text)
-
-    def committed(self) -> None:
-        """The file is this run's now: append to it from here on."""
-        self.pending = None
-
-    def write(self, kind: str, info: dict[str, Any]) -> None:
-        row = {"type": kind}
-        for k, v in info.items():
-            row[k] = v.item() if isinstance(v, mx.array) else v
-        line = json.dumps(row) + "\n"
-        if self.pending is not None:
-            self.pending.append(line)
-            return
-        with open(self.file, "a") as f:
-            f.write(line)
-
-    def on_train_loss_report(self, train_info: dict):
-        self.write("train", train_info)
-
-    def on_val_loss_report(self, val_info: dict):
-        self.write("val", val_info)
 
 
 class Callbacks(TrainingCallback):
@@ -423,25 +257,6 @@ class Callbacks(TrainingCallback):
     def on_val_loss_report(self, val_info: dict):
         for c in self.callbacks:
             c.on_val_loss_report(val_info)
-
-
-class _TrainUI(TrainUI):
-    """mlx-lm's progress bar (terminals only) over its classic ``Iter N: ...`` lines."""
-
-    def __init__(self, total_iters: int, rank: int = 0, start: int = 0):
-        super().__init__(total_iters, rank)
-        show = rank == 0 and self._console.is_terminal
-        self._progress = make_train_progress(self._console, disable=not show)
-        self._task = self._progress.add_task("train", total=total_iters)
-        self._progress.update(self._task, completed=start)
-
-    def __enter__(self):
-        self._progress.__enter__()
-        return self
-
-    def print(self, text: str) -> None:
-        if self._rank == 0:
-            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -519,13 +334,15 @@ def train(
     Same arguments as ``mlx_lm.tuner.trainer.train``. Checkpoints go to the folder of
     ``args.adapter_file``: ``adapters.safetensors``, numbered copies, the adapter
     config, ``resume.safetensors`` and ``metrics.jsonl``; only rank 0 writes.
-    ``iterate_batches``/``loss`` may be replaced (e.g. to add per-example labels:
-    the loop calls ``loss(model, *batch)``). Raises TrainingError on a NaN/inf loss
+    Items of an attribute dataset (``steering.AttributeDataset``) carry per-row
+    strengths, which the default batches and loss steer by. ``iterate_batches``/
+    ``loss`` may be replaced (the loop calls ``loss(model, *batch)``). Raises TrainingError on a NaN/inf loss
     and TrainingInterrupted after saving on Ctrl-C.
 
     The folder is locked while the run lasts and changes only at checkpoints, each
-    committed whole (:mod:`mlx_braces.commit`); an adapter of another kind in it is
-    only replaced with ``args.overwrite``.
+    committed whole (:mod:`mlx_braces.adapters`); an adapter of another kind in it is
+    only replaced with ``args.overwrite``. A folder or checkpoint that cannot be
+    used, read or written raises AdapterError.
     """
     args = args or TrainingArgs()
     if not braced_layers(model):
@@ -548,25 +365,8 @@ def train(
                 iterate_batches,
                 training_callback,
             )
-    except commit.CommitError as e:
-        raise TrainingError(str(e)) from None
-
-
-def _save_failed(folder: Path, it: int, error: Exception) -> str:
-    """One line for a checkpoint that could not be written (disk full, read-only)."""
-    why = getattr(error, "strerror", None) or " ".join(str(error).split())
-    with contextlib.suppress(OSError):
-        why += f"; {shutil.disk_usage(folder).free:,} bytes free on that disk"
-    committed = False
-    with contextlib.suppress(commit.CommitError):
-        committed = commit.journal(folder) is not None
-    kept = (
-        "it is recorded in the folder's commit journal, and the next run there "
-        "completes it"
-        if committed
-        else "the folder's previous contents are unchanged"
-    )
-    return f"cannot save the checkpoint of iteration {it} in {folder} ({why}); {kept}"
+    except commit.CommitError as e:  # the folder is locked, or its journal unreadable
+        raise AdapterError(str(e)) from None
 
 
 def _train(
@@ -584,14 +384,15 @@ def _train(
     world_size, rank = world.size(), world.rank()
     if args.grad_checkpoint:
         grad_checkpoint(model.layers[0])
-    train_dataset, val_dataset = _cached(train_dataset), _cached(val_dataset)
+    # An adapter with attributes steers each row by its record's "attribute" label.
+    train_dataset = labelled(model, _cached(train_dataset), "training example")
+    val_dataset = labelled(model, _cached(val_dataset), "validation example")
 
     folder = Path(args.adapter_file).parent
-    resume_file = folder / RESUME_NAME
     info: dict[str, Any] = {}
     grad_accum = None
     if args.resume:
-        info, grad_accum = _load_resume(model, optimizer, resume_file)
+        info, grad_accum = load_resume(model, optimizer, folder)
         _warn_changes(info, args, len(train_dataset), rank)
     else:
         optimizer.init(model.trainable_parameters())
@@ -600,8 +401,8 @@ def _train(
 
     # Nothing is written before the first checkpoint, which commits the config and
     # the metrics with the weights and resume state.
-    metrics = MetricsWriter(folder / METRICS_NAME, start, args.resume)
-    config = {**args.adapter_config, **braces_config(model)}
+    metrics = MetricsWriter(folder, start, args.resume)
+    config = adapter_config(model, **args.adapter_config)
     callback = Callbacks(metrics if rank == 0 else None, training_callback)
 
     step, state = _compiled_step(
@@ -622,11 +423,10 @@ def _train(
             grad_accum = average_gradients(grad_accum)
         file = Path(args.adapter_file)
         if rank == 0:
-            files = {}
+            names = [file.name]
             if numbered:
-                file = folder / f"{it:07d}_{WEIGHTS_NAME}"
-                files[file.name] = write_weights(model)
-            files[Path(args.adapter_file).name] = write_weights(model)
+                file = folder / checkpoint_name(it)
+                names.insert(0, file.name)
             resume = {
                 "iteration": it,
                 "trained_tokens": trained_tokens,
@@ -637,15 +437,9 @@ def _train(
                 "train_examples": len(train_dataset),
                 "weights": file.name,
             }
-            files[RESUME_NAME] = _resume_writer(model, optimizer, grad_accum, resume)
-            if metrics.pending is not None:  # this run's first checkpoint
-                files[CONFIG_NAME] = write_config(config)
-                files[METRICS_NAME] = metrics.writer()
-            try:
-                commit.commit(folder, files, tag=str(it))
-            except (OSError, RuntimeError) as e:  # MLX: RuntimeError on a full disk
-                raise TrainingError(_save_failed(folder, it, e)) from None
-            metrics.committed()
+            save_checkpoint(
+                folder, model, optimizer, grad_accum, resume, names, metrics, config
+            )
         return file
 
     def validate(it: int) -> None:
@@ -674,7 +468,7 @@ def _train(
         )
 
     model.train()
-    ui = _TrainUI(args.iters, rank, start)
+    ui = TrainUI(args.iters, rank, start)
     batches = _batch_stream(iterate_batches, train_dataset, args, world, start)
     it = start
     with ui, _deferred_sigint() as interrupted:
@@ -711,7 +505,7 @@ def _train(
                 raise TrainingError(f"{problem} at iteration {it}; {where}")
             n_tokens += int(toks.item())
             steps += 1
-            _clear_cache(args.clear_cache_threshold)
+            clear_cache(args.clear_cache_threshold)
             train_time += time.perf_counter() - tic
             ui.advance()
 

@@ -26,28 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+from smollm2_shape import SMOLLM2_135M  # the shapes of RANDOM
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # a source checkout
 
 SHAPES = {"1024³": (1024, 1024, 1024), "256×576×1536": (256, 576, 1536)}  # M, K, N
 DTYPES = ("float32", "bfloat16", "float16", "q4")
-# (name, BLAS, dequantize dtype or None for the 4-bit model)
-# SmolLM2-135M's shapes, for random weights when the real model cannot be had: the
-# timings do not depend on the weights' values.
-SMOLLM2_135M = dict(
-    model_type="llama",
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    tie_word_embeddings=True,
-)
 RANDOM = "random:smollm2-135m"
+# (name, BLAS, dequantize dtype or None for the 4-bit model)
 TRAIN_VARIANTS = (
     ("4-bit", "openblas", None),
     ("fp32, bundled BLAS", "bundled", "float32"),

@@ -51,6 +51,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
+from smollm2_shape import SMOLLM2_135M  # noqa: E402
 
 from mlx_braces.braces import apply_braces  # noqa: E402
 
@@ -68,16 +69,6 @@ def blas_name() -> str:
 BLAS = blas_name()
 
 VARIANTS = ("unbraced", "braced", "lora")
-SMOLLM2_SHAPE = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 def random_llama(args, shape: dict, quantize: bool) -> nn.Module:
     """A random Llama (mlx-lm's initialisation, from ``--seed``), 4-bit or fp32."""
     mx.random.seed(args.seed)
-    model = llama.Model(llama.ModelArgs(model_type="llama", rms_norm_eps=1e-5, **shape))
+    model = llama.Model(
+        llama.ModelArgs(**{"model_type": "llama", "rms_norm_eps": 1e-5, **shape})
+    )
     if quantize:
         nn.quantize(model, group_size=args.group_size, bits=args.bits)
     mx.eval(model.parameters())
@@ -172,7 +165,7 @@ def load_base(args, spec: str) -> tuple[nn.Module, str]:
     else:
         path = smollm2_folder() if name == "smollm2" else name
         if path is None:
-            model = random_llama(args, SMOLLM2_SHAPE, quantize=True)
+            model = random_llama(args, SMOLLM2_135M, quantize=True)
             label = "SmolLM2-135M shape (random weights)"
         else:
             if path.lower().endswith(".gguf"):

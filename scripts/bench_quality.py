@@ -75,11 +75,9 @@ from mlx_braces.evaluate import (
     multiple_choice,
     response_prefix,
 )
+from mlx_braces.models import EMBEDDED_DATA, EMBEDDED_MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "mlx_braces" / "assets" / "stories260K"
-SST2 = ROOT / "mlx_braces" / "assets" / "sst2"
-ASSETS = ROOT.parent / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
 BOOLQ = Path("AGI-Edgerunners__LLM-Adapters") / "dataset" / "boolq"
 PEER = "lora-qv-r8"  # the paper's baseline: LoRA on q and v at the braces' rank
 DEFAULT_METHODS = [
@@ -193,7 +191,7 @@ def sst2(tokenizer, args) -> dict:
     labels = [" negative", " positive"]
 
     def split(name, n=None):
-        rows = _read_jsonl(SST2 / f"{name}.jsonl")[:n]
+        rows = _read_jsonl(EMBEDDED_DATA / f"{name}.jsonl")[:n]
         return [f"Review: {r['text']}\nSentiment:" for r in rows], [
             r["label"] for r in rows
         ]
@@ -413,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, help="First N training examples")
     p.add_argument("--valid-size", type=int, help="Validation items (default 200)")
     p.add_argument("--boolq-test", type=int, default=500, help="BoolQ test items")
-    p.add_argument("--model", default=str(MODEL))
+    p.add_argument("--model", default=str(EMBEDDED_MODEL))
     p.add_argument("--assets", default=str(ASSETS), help="Shared assets folder")
     p.add_argument("--output", default="bench_quality.json")
     return p

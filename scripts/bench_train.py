@@ -6,9 +6,9 @@ keys = every linear layer, and q,v only; mlx-lm's ``train`` loop), same batch si
 sequence length and steps. Trainable parameters, tokens/s (after a warm-up window),
 peak memory; ratios are to LoRA of the same rank.
 
-Table 2 (quality): the embedded stories260K model (4-bit, as the quickstart) trained
-on the embedded SST-2 subset for the same iterations; validation loss on the whole
-validation split.
+Table 2 (quality): the embedded stories260K model (4-bit, as ``--model stories260k``
+trains it) on the embedded SST-2 subset for the same iterations; validation loss on
+the whole validation split.
 
     python scripts/bench_train.py --out runs/bench_train.json
 """
@@ -184,7 +184,9 @@ def speed_table(args) -> list[dict]:
 
 
 def quality_table(args) -> list[dict]:
-    options = resolve_args({"max_seq_length": args.quality_seq_length})
+    options = resolve_args(
+        {"model": "stories260k", "max_seq_length": args.quality_seq_length}
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         _, tokenizer = load_model(options)
         train_set, valid_set, _ = load_datasets(options, tokenizer)

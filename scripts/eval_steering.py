@@ -63,11 +63,11 @@ from mlx_lm.sample_utils import make_sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 try:
-    from mlx_braces import adapters, braced_layers
+    from mlx_braces import braced_layers, load
     from mlx_braces.steering import attribute_names, steering
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(ROOT))
-    from mlx_braces import adapters, braced_layers
+    from mlx_braces import braced_layers, load
     from mlx_braces.steering import attribute_names, steering
 
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         "toxicity" if args.prompts == "toxicity" else "sentiment"
     )
     try:
-        model, tokenizer = adapters.load(args.model, adapter_path=args.adapter_path)
+        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     except ValueError as e:
         sys.exit(f"Error: {e}")
     names = attribute_names(model)

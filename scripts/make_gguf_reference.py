@@ -46,7 +46,8 @@ import jinja2.sandbox
 import llama_cpp
 import numpy as np
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "gguf_reference"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+OUT_DIR = TESTS / "data" / "gguf_reference"
 N_THREADS = 2
 N_CTX = 512
 GREEDY_STEPS = 64
@@ -100,7 +101,7 @@ PRE_EXTRA = [
     "tab\t\tend\t",
     "\n\n\n\nx",
 ]
-# Every tokenizer.ggml.pre that mlx_braces.gguf_tokenizer supports.
+# Every tokenizer.ggml.pre that mlx_braces.conversion.gguf_tokenizer supports.
 PRE_NAMES = (
     "default llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 dbrx "
     "smaug-bpe gpt-2 phi-2 mpt olmo gigachat a.x-4.0 mellum exaone4 trillion "
@@ -296,28 +297,14 @@ def write_f32_copy(src: Path, dst: Path) -> None:
     """
     import gguf
 
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(dst), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if key == "general.file_type":
-            writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        elif field.types[0] == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(
-                key, field.contents(), field.types[0], sub_type=field.types[-1]
-            )
-        else:
-            writer.add_key_value(key, field.contents(), field.types[0])
-    for t in reader.tensors:
+    sys.path.insert(0, str(TESTS))
+    from gguf_copy import copy_gguf  # gguf and numpy only
+
+    def f32(t, shape):
         weights = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = [int(n) for n in reversed(t.shape)]
-        writer.add_tensor(t.name, np.asarray(weights, np.float32).reshape(shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        return np.asarray(weights, np.float32).reshape(shape), None
+
+    copy_gguf(src, dst, f32, file_type=gguf.LlamaFileType.ALL_F32)
 
 
 def record_pre_tokenizers(path: Path, work: Path) -> dict:

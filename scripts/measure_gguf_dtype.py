@@ -24,7 +24,7 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.utils import load_model
 
-from mlx_braces.gguf import convert_gguf
+from mlx_braces.conversion.gguf import convert_gguf
 
 IDS = [2, 818, 3823, 8864, 37423, 38167, 1024, 506, 31770, 4799]  # Gemma: a short text
 

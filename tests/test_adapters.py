@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import mlx_lm
 import numpy as np
 import pytest
@@ -20,12 +21,18 @@ from model_folder import make_model_folder  # noqa: E402
 from mlx_braces import AdapterError, apply_braces, braced_layers, load  # noqa: E402
 from mlx_braces.adapters import (  # noqa: E402
     CONFIG_NAME,
+    RESUME_NAME,
     WEIGHTS_NAME,
+    BracesConfig,
     adapter_parameters,
     load_adapter,
+    load_resume,
+    load_weights_file,
     save_adapter,
     save_weights,
+    write_resume,
 )
+from mlx_braces.commit import commit  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 TOKENS = [1, 5, 9, 20, 33, 7, 64, 100, 3, 17]
@@ -384,3 +391,71 @@ def test_other_architecture_gives_a_clear_error(saved, tmp_path):
     message = str(e.value)
     assert "\n" not in message
     assert "model.layers.0.mlp" in message and "model.h.0.mlp" in message
+
+
+# ---------------------------------------------------------------------------
+# One weight check for every reader, and the config object
+
+
+def _double_R(weights):  # finite, right shape, rows of norm 2: not orthonormal
+    weights["model.layers.1.mlp.R"] = 2 * weights["model.layers.1.mlp.R"]
+
+
+BAD_WEIGHTS = {"NaN": _nan, "not orthonormal": _double_R}
+
+
+@pytest.mark.parametrize("fault", [*BAD_WEIGHTS, "unreadable"])
+def test_loader_and_resume_reject_a_bad_file_with_one_message(fault, saved, tmp_path):
+    folder = saved["fp"]["folder"]
+    path = _copy(saved["fp"]["path"], tmp_path / "adapter")
+    if fault == "unreadable":
+        (path / WEIGHTS_NAME).write_bytes(os.urandom(2000))
+    else:
+        _edit_weights(path, BAD_WEIGHTS[fault])
+    with pytest.raises(AdapterError) as by_loader:
+        load_adapter(mlx_lm.load(str(folder))[0], path)
+    message = str(by_loader.value)
+    assert message.startswith(f"{path / WEIGHTS_NAME}: ")
+
+    run, _ = braced_copy(folder)  # a training run's model: the same braces
+    with pytest.raises(AdapterError) as by_resume_file:  # --resume-adapter-file
+        load_weights_file(run, path / WEIGHTS_NAME)
+    assert str(by_resume_file.value) == message
+    if fault == "unreadable":
+        return
+
+    # --resume: resume.safetensors holding the same tensors (and an optimizer state)
+    bad = dict(mx.load(str(path / WEIGHTS_NAME)))
+    run.load_weights(list(bad.items()), strict=False)
+    optimizer = optim.Adam(learning_rate=1e-3)
+    optimizer.init(run.trainable_parameters())
+    commit(path, {RESUME_NAME: write_resume(run, optimizer, None, {"iteration": 1})})
+    fresh, _ = braced_copy(folder)
+    with pytest.raises(AdapterError) as by_resume:
+        load_resume(fresh, optim.Adam(learning_rate=1e-3), path)
+    assert str(by_resume.value) == message.replace(
+        str(path / WEIGHTS_NAME), str(path / RESUME_NAME)
+    )
+
+
+def test_braces_config_is_what_the_json_records(saved, folders):
+    config = json.loads((saved["fp"]["path"] / CONFIG_NAME).read_text())
+    braces = BracesConfig.from_dict(config, CONFIG_NAME)
+    model, _ = braced_copy(folders["fp"])
+    assert braces == BracesConfig.from_model(model)
+    assert braces.rank == 4 and braces.num_layers == config["num_layers"] == 2
+    base = json.loads((folders["fp"] / "config.json").read_text())
+    assert braces.ffn_dims == [base["intermediate_size"]] * 2
+    fields = braces.to_dict()
+    assert {k: config[k] for k in fields} == fields
+    assert set(config) - set(fields) == {"model", "iters"}  # save_adapter's extras
+
+
+def test_adapter_saved_before_ffn_dims_and_gate_init_still_loads(saved, tmp_path):
+    path = _copy(saved["fp"]["path"], tmp_path / "old")
+    _edit_config(
+        path,
+        lambda c: [c["braces_parameters"].pop(k) for k in ("ffn_dims", "gate_init")],
+    )
+    model, _ = load(str(saved["fp"]["folder"]), adapter_path=str(path))
+    assert np.array_equal(logits(model), saved["fp"]["logits"])

@@ -33,18 +33,21 @@ from mlx_braces import (
     load_adapter,
     save_adapter,
 )
-from mlx_braces.adapters import CONFIG_NAME, WEIGHTS_NAME, ModelLoadError
+from mlx_braces.adapters import CONFIG_NAME, WEIGHTS_NAME
 from mlx_braces.commit import locked
+from mlx_braces.loading import ModelLoadError
 from mlx_braces.steering import SteeringError, steer
 from mlx_braces.train import EMBEDDED_DATA, EMBEDDED_MODEL
 
 # Modules, not the package's same-named functions (mlx_braces.generate).
 evaluate_cli, generate_cli, inspect_cli, plot_cli, server_cli, train_cli = (
     importlib.import_module(f"mlx_braces.{name}")
-    for name in ("evaluate", "generate", "inspect", "plot", "server", "train")
+    for name in ("evaluate", "generate", "lens", "plot", "server", "train")
 )
 os.environ["HF_HUB_OFFLINE"] = "1"
 OFFLINE_ID = "nobody-here/no-such-model"
+# The embedded toy model; with no --model train would fetch SmolLM2 (quickstart).
+EMBEDDED = ["--model", "stories260k"]
 SST2 = [json.loads(line) for line in open(EMBEDDED_DATA / "train.jsonl")][:8]
 
 
@@ -60,8 +63,9 @@ def world(tmp_path_factory):
     )
     w["data"] = data
     good = root / "good"
-    argv = ["--data", str(data), "--adapter-path", str(good), "--rank", "4"]
-    argv += ["--iters", "2", "--save-every", "2", "--max-seq-length", "32"]
+    argv = [*EMBEDDED, "--data", str(data), "--adapter-path", str(good)]
+    argv += ["--rank", "4", "--iters", "2", "--save-every", "2"]
+    argv += ["--max-seq-length", "32"]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         train_cli.main(argv)
     w["good"] = good
@@ -141,16 +145,53 @@ class Case:
 
 def train_args(w, *extra, data=None) -> list[str]:
     folder = w["root"] / "out" / "run"
-    argv = ["--data", str(data or w["data"]), "--adapter-path", str(folder)]
+    argv = [*EMBEDDED, "--data", str(data or w["data"]), "--adapter-path", str(folder)]
     return argv + ["--iters", "2", "--max-seq-length", "32", *map(str, extra)]
 
 
+def on_data(w, *extra) -> list[str]:
+    """stories260k on the world's data folder, then ``extra`` (train, no other
+    defaults)."""
+    return [*EMBEDDED, "--data", str(w["data"]), *map(str, extra)]
+
+
+def adapter_args(folder, *extra) -> list[str]:
+    """``--adapter-path folder``, then ``extra``."""
+    return ["--adapter-path", str(folder), *map(str, extra)]
+
+
+def ppl_args(w, *extra) -> list[str]:
+    """The good adapter, perplexity of the world's train.jsonl, then ``extra``."""
+    return adapter_args(w["good"], "--ppl", w["data"] / "train.jsonl", *extra)
+
+
+def drop_config(folder: Path) -> None:
+    (folder / CONFIG_NAME).unlink()
+
+
+def break_config(folder: Path) -> None:
+    (folder / CONFIG_NAME).write_text("{not json")
+
+
+def truncate_weights(folder: Path) -> None:
+    (folder / WEIGHTS_NAME).write_bytes((folder / WEIGHTS_NAME).read_bytes()[:300])
+
+
+def corrupt_resume(folder: Path) -> None:
+    (folder / "resume.safetensors").write_bytes(b"garbage")
+
+
 def yaml_case(id: str, text: str, needs: str) -> Case:
-    """A YAML config case: the line names the file, the key and the value."""
+    """A YAML config case: the line names the file, the key and the value.
+
+    The model is stories260k unless the YAML names one (the command line would win).
+    """
+    model = [] if "model:" in text else EMBEDDED
     return Case(
         id,
         "train",
         lambda w: [
+            *model,
             *("--data", str(w["data"]), "--adapter-path", str(w["root"] / "out" / id)),
             *("-c", str(yaml_file(w, id, text))),
         ],
@@ -370,7 +411,7 @@ CASES = [
     Case(
         "flag-epochs-zero",
         "train",
-        lambda w: ["--data", str(w["data"]), "--epochs", "0"],
+        lambda w: on_data(w, "--epochs", "0"),
         lambda w: "epochs (--epochs) must be a positive integer, got 0",
     ),
     Case(
@@ -427,30 +468,25 @@ CASES = [
     Case(
         "adapter-path-is-file",
         "train",
-        lambda w: ["--data", str(w["data"]), "--adapter-path", str(w["file"])],
+        lambda w: on_data(w, "--adapter-path", w["file"]),
         lambda w: f"{w['file']}: is a file, not a folder",
     ),
     Case(
         "adapter-path-under-file",
         "train",
-        lambda w: ["--data", str(w["data"]), "--adapter-path", str(w["file"] / "a")],
+        lambda w: on_data(w, "--adapter-path", w["file"] / "a"),
         lambda w: f"{w['file'] / 'a'}: cannot write there (Not a directory)",
     ),
     Case(
         "adapter-foreign-lora",
         "train",
-        lambda w: [
-            "--data",
-            str(w["data"]),
+        lambda w: on_data(
+            w,
             "--adapter-path",
-            str(
-                variant(
-                    w,
-                    "lora",
-                    edit_config(fine_tune_type="lora", braces_parameters=None),
-                )
+            variant(
+                w, "lora", edit_config(fine_tune_type="lora", braces_parameters=None)
             ),
-        ],
+        ),
         lambda w: (
             "the folder holds a lora adapter, not braces; training would "
             "replace it: pass --overwrite"
@@ -459,72 +495,42 @@ CASES = [
     Case(
         "adapter-weights-without-config",
         "train",
-        lambda w: [
-            "--data",
-            str(w["data"]),
-            "--adapter-path",
-            str(variant(w, "noconfig", lambda f: (f / CONFIG_NAME).unlink())),
-        ],
+        lambda w: on_data(w, "--adapter-path", variant(w, "noconfig", drop_config)),
         lambda w: f"adapters.safetensors: an adapter without {CONFIG_NAME}",
     ),
     Case(
         "resume-nothing",
         "train",
-        lambda w: [
-            "--data",
-            str(w["data"]),
-            "--resume",
-            "--adapter-path",
-            str(w["folder"]),
-        ],
+        lambda w: on_data(w, "--resume", "--adapter-path", w["folder"]),
         lambda w: f"{w['folder'] / 'resume.safetensors'}: not found, nothing to resume",
     ),
     Case(
         "resume-other-rank",
         "train",
-        lambda w: [
-            *train_args(w, "--rank", "8", "--resume")[:2],
-            "--adapter-path",
-            str(variant(w, "resume-rank", lambda f: None)),
-            "--rank",
-            "8",
-            "--resume",
-            "--iters",
-            "4",
-        ],
+        lambda w: on_data(
+            w,
+            *("--adapter-path", variant(w, "resume-rank", lambda f: None)),
+            *("--rank", "8", "--resume", "--iters", "4"),
+        ),
         lambda w: "use the same --rank and model as the run that wrote it",
     ),
     Case(
         "resume-corrupt",
         "train",
-        lambda w: [
-            "--data",
-            str(w["data"]),
-            "--resume",
-            "--iters",
-            "4",
-            "--rank",
-            "4",
-            "--adapter-path",
-            str(
-                variant(
-                    w,
-                    "resume-corrupt",
-                    lambda f: (f / "resume.safetensors").write_bytes(b"garbage"),
-                )
-            ),
-        ],
+        lambda w: on_data(
+            w,
+            *("--resume", "--iters", "4", "--rank", "4"),
+            *("--adapter-path", variant(w, "resume-corrupt", corrupt_resume)),
+        ),
         lambda w: "resume.safetensors: not a resume checkpoint",
     ),
     Case(
         "test-only-lora-folder",
         "train",
         lambda w: [
-            "--data",
-            str(data_folder(w, "with-test", TEXT, test=TEXT)),
-            "--test",
-            "--adapter-path",
-            str(variant(w, "lora", edit_config(fine_tune_type="lora"))),
+            *EMBEDDED,
+            *("--data", str(data_folder(w, "with-test", TEXT, test=TEXT)), "--test"),
+            *adapter_args(variant(w, "lora", edit_config(fine_tune_type="lora"))),
         ],
         lambda w: "fine_tune_type is 'lora', not 'braces'",
     ),
@@ -544,14 +550,7 @@ CASES = [
     Case(
         "generate-config-not-json",
         "generate",
-        lambda w: [
-            "--adapter-path",
-            str(
-                variant(
-                    w, "badjson", lambda f: (f / CONFIG_NAME).write_text("{not json")
-                )
-            ),
-        ],
+        lambda w: adapter_args(variant(w, "badjson", break_config)),
         lambda w: f"{CONFIG_NAME}: not valid JSON",
     ),
     Case(
@@ -569,31 +568,17 @@ CASES = [
     Case(
         "generate-newer-format",
         "generate",
-        lambda w: [
-            "--adapter-path",
-            str(variant(w, "newer", edit_config(format_version=99))),
-            "--max-tokens",
-            "2",
-        ],
+        lambda w: adapter_args(
+            variant(w, "newer", edit_config(format_version=99)), "--max-tokens", "2"
+        ),
         lambda w: "format_version 99 is newer than this mlx_braces",
     ),
     Case(
         "generate-truncated-weights",
         "generate",
-        lambda w: [
-            "--adapter-path",
-            str(
-                variant(
-                    w,
-                    "truncated",
-                    lambda f: (f / WEIGHTS_NAME).write_bytes(
-                        (f / WEIGHTS_NAME).read_bytes()[:300]
-                    ),
-                )
-            ),
-            "--max-tokens",
-            "2",
-        ],
+        lambda w: adapter_args(
+            variant(w, "truncated", truncate_weights), "--max-tokens", "2"
+        ),
         lambda w: f"{WEIGHTS_NAME}: cannot read",
     ),
     Case(
@@ -612,70 +597,42 @@ CASES = [
     Case(
         "generate-no-model-recorded",
         "generate",
-        lambda w: [
-            "--adapter-path",
-            str(variant(w, "nomodel", edit_config(model=None))),
-        ],
+        lambda w: adapter_args(variant(w, "nomodel", edit_config(model=None))),
         lambda w: "records no base model (field 'model'); pass --model",
     ),
     # --- evaluate
     Case(
         "evaluate-output-is-folder",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--ppl",
-            str(w["data"] / "train.jsonl"),
-            "--output",
-            str(w["folder"]),
-        ],
+        lambda w: ppl_args(w, "--output", w["folder"]),
         lambda w: f"--output {w['folder']}: is a folder; give a file name",
     ),
     Case(
         "evaluate-output-under-file",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--ppl",
-            str(w["data"] / "train.jsonl"),
-            "--output",
-            str(w["file"] / "r.json"),
-        ],
+        lambda w: ppl_args(w, "--output", w["file"] / "r.json"),
         lambda w: f"{w['file']} is a file, not a folder",
     ),
     Case(
         "evaluate-ppl-missing",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--ppl",
-            str(w["root"] / "x.jsonl"),
-        ],
+        lambda w: adapter_args(w["good"], "--ppl", w["root"] / "x.jsonl"),
         lambda w: f"{w['root'] / 'x.jsonl'}: file not found",
     ),
     Case(
         "evaluate-ppl-bad-line",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
+        lambda w: adapter_args(
+            w["good"],
             "--ppl",
-            str(data_folder(w, "ppl-bad", [TEXT[0], "{no"]) / "train.jsonl"),
-        ],
-        lambda w: "train.jsonl: line 2 is not valid JSON",
+            data_folder(w, "ppl-bad", [TEXT[0], "{no"]) / "train.jsonl",
+        ),
+        lambda w: "train.jsonl line 2: not valid JSON",
     ),
     Case(
         "evaluate-task-file-missing",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--data",
-            str(w["root"] / "t.json"),
-        ],
+        lambda w: adapter_args(w["good"], "--data", w["root"] / "t.json"),
         lambda w: f"{w['root'] / 't.json'}: file not found",
     ),
     Case(
@@ -687,14 +644,7 @@ CASES = [
     Case(
         "evaluate-batch-zero",
         "evaluate",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--ppl",
-            str(w["data"] / "train.jsonl"),
-            "--batch-size",
-            "0",
-        ],
+        lambda w: ppl_args(w, "--batch-size", "0"),
         lambda w: "--batch-size must be at least 1, got 0",
         code=2,
     ),
@@ -715,40 +665,19 @@ CASES = [
     Case(
         "inspect-offline-model",
         "inspect",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--model",
-            OFFLINE_ID,
-            "--prompt",
-            "x",
-        ],
+        lambda w: adapter_args(w["good"], "--model", OFFLINE_ID, "--prompt", "x"),
         lambda w: f"cannot load model {OFFLINE_ID}",
     ),
     Case(
         "inspect-top-vectors-zero",
         "inspect",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--prompt",
-            "hi",
-            "--top-vectors",
-            "0",
-        ],
+        lambda w: adapter_args(w["good"], "--prompt", "hi", "--top-vectors", "0"),
         lambda w: "top_vectors and top_tokens must be at least 1",
     ),
     Case(
         "inspect-strength-pairs",
         "inspect",
-        lambda w: [
-            "--adapter-path",
-            str(w["good"]),
-            "--prompt",
-            "hi",
-            "--strength",
-            "1",
-        ],
+        lambda w: adapter_args(w["good"], "--prompt", "hi", "--strength", "1"),
         lambda w: "--attribute and --strength pair up in order",
     ),
     # --- plot
@@ -762,13 +691,13 @@ CASES = [
         "plot-bad-line",
         "plot",
         lambda w: [str(metrics_file(w, "bad", ['{"type": "train"', "{}"]))],
-        lambda w: "metrics.jsonl:1: not valid JSON",
+        lambda w: "metrics.jsonl line 1: not valid JSON",
     ),
     Case(
         "plot-no-type",
         "plot",
         lambda w: [str(metrics_file(w, "notype", ['{"iteration": 1}']))],
-        lambda w: "metrics.jsonl:1: expected a JSON object with a string 'type'",
+        lambda w: "metrics.jsonl line 1: expected a string 'type'",
     ),
     Case(
         "plot-nan-loss",
@@ -809,14 +738,7 @@ CASES = [
     Case(
         "server-config-not-json",
         "server",
-        lambda w: [
-            "--adapter-path",
-            str(
-                variant(
-                    w, "badjson", lambda f: (f / CONFIG_NAME).write_text("{not json")
-                )
-            ),
-        ],
+        lambda w: adapter_args(variant(w, "badjson", break_config)),
         lambda w: f"{CONFIG_NAME}: not valid JSON",
     ),
 ]
@@ -880,7 +802,7 @@ def test_read_only_adapter_folder(world, tmp_path, capsys, monkeypatch):
     try:
         before = {p.name: p.read_bytes() for p in folder.iterdir()}
         code, err = run_cli(
-            "train", ["--data", str(world["data"]), "--adapter-path", str(folder)],
+            "train", on_data(world, "--adapter-path", folder),
             capsys, monkeypatch,
         )  # fmt: skip
         assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
@@ -889,7 +811,8 @@ def test_read_only_adapter_folder(world, tmp_path, capsys, monkeypatch):
         # --test alone only reads it: the result is printed, a warning says why
         # it is not logged.
         data = data_folder(world, "ro-test", TEXT, test=TEXT)
-        train_cli.main(["--data", str(data), "--test", "--adapter-path", str(folder)])
+        train_cli.main([*EMBEDDED, "--data", str(data), "--test"]
+                       + ["--adapter-path", str(folder)])  # fmt: skip
         out = capsys.readouterr().out
         assert "Test loss " in out and "Warning: cannot add the test result" in out
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -902,7 +825,7 @@ def test_locked_adapter_folder(world, tmp_path, capsys, monkeypatch):
     shutil.copytree(world["good"], folder)
     with locked(folder):
         code, err = run_cli(
-            "train", ["--data", str(world["data"]), "--adapter-path", str(folder)],
+            "train", on_data(world, "--adapter-path", folder),
             capsys, monkeypatch,
         )  # fmt: skip
     assert code == 1 and err.count("\n") == 1

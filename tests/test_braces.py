@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import quantize_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import CONFIGS, build, quantized  # noqa: E402
+from tiny_models import CONFIGS, build, dense_weight, quantized  # noqa: E402
 
 from mlx_braces.braces import (  # noqa: E402
     BracedFFN,
@@ -129,18 +129,7 @@ def test_mlx_lm_generate(bits):
 
 def np_linear(layer: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """(W (out, in), b (out,)) in float64; a quantized weight is dequantized here only."""
-    if isinstance(layer, nn.QuantizedLinear):
-        W = mx.dequantize(
-            layer.weight,
-            layer.scales,
-            layer.get("biases"),
-            group_size=layer.group_size,
-            bits=layer.bits,
-            mode=layer.mode,
-        )
-    else:
-        W = layer.weight
-    W = np.array(W.astype(mx.float32), dtype=np.float64)
+    W = np.array(dense_weight(layer).astype(mx.float32), dtype=np.float64)
     b = layer.get("bias")
     b = np.zeros(W.shape[0]) if b is None else np.array(b, dtype=np.float64)
     return W, b

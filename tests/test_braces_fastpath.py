@@ -119,7 +119,8 @@ def test_fast_path_matches_numpy(arch, bits, steering):
     model = braced_model(arch, bits, steering)
     x = mx.random.normal((2, 3, braced_layers(model)[0][1].dims), key=mx.random.key(9))
     for _, m in braced_layers(model):
-        s = None if m.steering is None else np.array(m.steering, dtype=np.float64)
+        S = None if m.get("cond") is None else m.cond.strengths
+        s = None if S is None else np.array(S, dtype=np.float64)
         ref = reference(m, arch, np.array(x, dtype=np.float64), s)
         for _ in range(2):  # filling the cache, then served from it
             out = np.array(m(x), dtype=np.float64)
@@ -236,7 +237,7 @@ def test_recording_falls_back_to_the_input_side(bits):
         finally:
             inject.record = None
         assert close(recorded, fast)
-        want = exact(model, lambda m=m: m.g * (m.relevance(x) + m.steering_term()))
+        want = exact(model, lambda m=m: m.g * (m.relevance(x) + m.cond.term(m, x)))
         assert close(delta, want)
         assert close(m(x), fast)  # and the fast path is back
 

@@ -91,7 +91,8 @@ def test_dequantize_dtypes_and_bad_value():
 
 def test_dequantize_cli_bad_dtype_is_one_line():
     r = subprocess.run(
-        [sys.executable, "-m", "mlx_braces.train", "--dequantize", "int8"],
+        [sys.executable, "-m", "mlx_braces.train", "--model", "stories260k"]
+        + ["--dequantize", "int8"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -122,6 +123,8 @@ def adapter(tmp_path_factory) -> Path:
     adapter = tmp / "adapter"
     main(
         [
+            "--model",
+            "stories260k",
             "--data",
             str(data),
             "--adapter-path",
@@ -168,7 +171,7 @@ def test_generate_and_evaluate_dequantize(
 ):
     import importlib
 
-    import mlx_braces.adapters
+    import mlx_braces.loading
     from mlx_braces.evaluate import main as evaluate_main
     from mlx_braces.generate import main as generate_main
 
@@ -184,7 +187,7 @@ def test_generate_and_evaluate_dequantize(
 
     cli = importlib.import_module("mlx_braces.generate")  # the module, not the function
     monkeypatch.setattr(cli, "load", spy(cli.load))
-    monkeypatch.setattr(mlx_braces.adapters, "load", spy(mlx_braces.adapters.load))
+    monkeypatch.setattr(mlx_braces.loading, "load", spy(mlx_braces.loading.load))
     argv = ["--adapter-path", str(adapter), "-p", "The movie was", "-m", "6"]
     argv += ["--ignore-chat-template", "--verbose", "False"]
     generate_main(argv)

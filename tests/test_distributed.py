@@ -38,7 +38,8 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     lines = open(EMBEDDED_DATA / "train.jsonl").readlines()
     (data / "train.jsonl").write_text("".join(lines[:8]))
     (data / "valid.jsonl").write_text("".join(lines[8:12]))
-    args = ["--data", str(data), "--iters", "4", "--batch-size", "4"]
+    args = ["--model", "stories260k", "--data", str(data), "--iters", "4"]
+    args += ["--batch-size", "4"]
     args += ["--steps-per-report", "1", "--steps-per-eval", "2", "--save-every", "2"]
     args += ["--max-seq-length", "48", "--learning-rate", "1e-2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -34,9 +34,8 @@ from mlx_braces.evaluate import (
     perplexity,
     windows,
 )
+from mlx_braces.models import EMBEDDED_MODEL as MODEL
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "mlx_braces" / "assets" / "stories260K"
 DATA = Path(__file__).resolve().parent / "data" / "llm_adapters"
 
 

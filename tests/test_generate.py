@@ -1,6 +1,7 @@
 """The generate CLI and Python API: mlx-lm's generation with braces adapters loaded,
 steered, and compared against the base model; checked against mlx-lm run directly."""
 
+import importlib
 import json
 import os
 import shutil
@@ -16,7 +17,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from model_folder import make_adapter, make_model_folder  # noqa: E402
 
 from mlx_braces import load  # noqa: E402
-from mlx_braces.generate import EMBEDDED_MODEL, generate, main, stream_generate  # noqa: E402
+from mlx_braces.generate import (  # noqa: E402
+    EMBEDDED_MODEL,
+    generate,
+    main,
+    resolve,
+    setup_arg_parser,
+    stream_generate,
+)
+from mlx_braces.models import QUICKSTART_MODEL  # noqa: E402
+from mlx_braces.quantize import fast_dtype  # noqa: E402
 from mlx_braces.steering import steer  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -137,6 +147,8 @@ def test_quickstart_uses_recorded_model_and_compares(
         reference(folder, adapter, n=6, chat=True),
     )
     assert lines == [
+        f"Quickstart: the prompt {PROMPT!r} continued by {folder} without, then "
+        "with, the braces adapter in ./adapters:",
         f"--- {folder}, base model",
         base,
         f"--- {folder}, with adapter adapters",
@@ -144,15 +156,25 @@ def test_quickstart_uses_recorded_model_and_compares(
     ]
 
 
-@pytest.mark.skipif(
-    not EMBEDDED_MODEL.is_dir(), reason="embedded model not converted yet"
-)
-def test_no_model_and_no_adapter_uses_the_embedded_model(tmp_path, monkeypatch, capsys):
+def test_embedded_model_by_name_continues_a_story(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    main(["-m", "10", "--verbose", "False"])
+    main(["--model", "stories260k", "-m", "10", "--verbose", "False"])
     model, tokenizer = mlx_lm.load(str(EMBEDDED_MODEL))
     expected = mlx_lm.generate(model, tokenizer, "Once upon a time", max_tokens=10)
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_no_model_and_no_adapter_is_the_quickstart_model(tmp_path, monkeypatch):
+    """Nothing given and no ./adapters: the quickstart's SmolLM2, mlx-lm's defaults."""
+    monkeypatch.chdir(tmp_path)
+    args = resolve(setup_arg_parser().parse_args([]))
+    assert args.model == QUICKSTART_MODEL and args.adapter_path is None
+    mlx_generate = importlib.import_module("mlx_lm.generate")  # the module
+    assert (args.prompt, args.max_tokens) == (
+        mlx_generate.DEFAULT_PROMPT,
+        mlx_generate.DEFAULT_MAX_TOKENS,
+    )
+    assert args.dequantize == fast_dtype()
 
 
 @pytest.mark.parametrize(

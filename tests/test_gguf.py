@@ -1,4 +1,4 @@
-"""GGUF -> mlx-lm conversion (mlx_braces.gguf) against a float64 llama.cpp-style forward.
+"""GGUF -> mlx-lm conversion (mlx_braces.conversion.gguf) against a float64 llama.cpp-style forward.
 
 Tiny GGUFs are written with the ``gguf`` package the way llama.cpp's
 convert_hf_to_gguf.py writes them (llama q/k rows permuted, Gemma norms + 1),
@@ -23,7 +23,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from mlx_braces.gguf import GGUFError, convert_gguf, read_metadata
+from mlx_braces.conversion.gguf import GGUFError, convert_gguf, read_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gguf_copy import copy_gguf  # noqa: E402
 
 HIDDEN, FFN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 256, 256, 64, 4, 2, 64
 IDS = [1, 5, 9, 33, 7, 60, 2, 14]
@@ -374,7 +377,7 @@ def test_native_quants_stay_quantized_and_match_mx_load(tmp_path):
         "attn_q": np.argsort(_permute(np.arange(HEADS * HEAD_DIM), HEADS)),
         "attn_k": np.argsort(_permute(np.arange(KV_HEADS * HEAD_DIM), KV_HEADS)),
     }
-    from mlx_braces.gguf import mlx_name
+    from mlx_braces.conversion.gguf import mlx_name
 
     n_quant = 0
     for name, qtype in kinds.items():
@@ -525,30 +528,18 @@ def _rewrite(
     ``raw`` = (tensor, type): that tensor becomes random blocks of the type;
     ``replace`` = (tensor, array): that tensor gets new float32 values.
     """
-    reader = gguf.GGUFReader(src)
-    old = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(dest), arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        new_key = arch + key[len(old) :] if key.startswith(old + ".") else key
-        writer.add_key_value(new_key, field.contents(), field.types[0], sub_type=sub)
     rng = np.random.default_rng(0)
-    for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+
+    def tensor(t, shape):
         if raw is not None and t.name == raw[0]:
             block, size = gguf.GGML_QUANT_SIZES[raw[1]]
             data = rng.integers(0, 256, (shape[0], shape[1] // block * size), np.uint8)
-            writer.add_tensor(t.name, data, raw_dtype=raw[1])
-        elif replace is not None and t.name == replace[0]:
-            writer.add_tensor(t.name, np.asarray(replace[1], np.float32))
-        else:
-            writer.add_tensor(t.name, np.array(t.data).reshape(shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            return data, raw[1]
+        if replace is not None and t.name == replace[0]:
+            return np.asarray(replace[1], np.float32), None
+        return np.array(t.data).reshape(shape), None
+
+    copy_gguf(src, dest, tensor, arch=arch)
 
 
 def test_cli(tmp_path):

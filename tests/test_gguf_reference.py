@@ -2,8 +2,9 @@
 
 The reference (``tests/data/gguf_reference/*.json``) was recorded from the same
 GGUF files with llama-cpp-python by ``scripts/make_gguf_reference.py`` (see the
-README there). The models are converted by ``mlx_braces.gguf.convert_gguf``
-into the user's cache (``real_models`` fixtures) and run by mlx-lm as converted.
+README there). The models are converted by
+``mlx_braces.conversion.gguf.convert_gguf`` into the user's cache (``real_models``
+fixtures) and run by mlx-lm as converted.
 
 * Token ids must be identical for every string, with and without parsing
   special-token text, for every supported pre-tokenizer and for the chat
@@ -124,8 +125,8 @@ def test_every_pre_tokenizer_matches_llama_cpp(smollm2_gguf, tmp_path):
     """Each supported tokenizer.ggml.pre, on SmolLM2's vocabulary, vs llama.cpp."""
     from mlx_lm.tokenizer_utils import load
 
-    from mlx_braces.gguf import read_metadata
-    from mlx_braces.gguf_tokenizer import PRE_TOKENIZERS, tokenizer_files
+    from mlx_braces.conversion.gguf import read_metadata
+    from mlx_braces.conversion.gguf_tokenizer import PRE_TOKENIZERS, tokenizer_files
 
     ref = reference("smollm2")["pre_tokenizers"]
     assert set(ref["ids"]) == set(PRE_TOKENIZERS)

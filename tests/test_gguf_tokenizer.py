@@ -16,8 +16,8 @@ import random
 import pytest
 from mlx_lm.tokenizer_utils import load
 
-from mlx_braces.gguf import GGUFError
-from mlx_braces.gguf_tokenizer import spm_merges, tokenizer_files
+from mlx_braces.conversion.gguf import GGUFError
+from mlx_braces.conversion.gguf_tokenizer import spm_merges, tokenizer_files
 
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
 
@@ -370,7 +370,7 @@ def test_spm_metadata_errors():
 
 
 def test_end_of_generation_texts_become_control_tokens(tmp_path):
-    from mlx_braces.gguf_tokenizer import eog_token_ids
+    from mlx_braces.conversion.gguf_tokenizer import eog_token_ids
 
     meta = bpe_meta()
     meta["tokenizer.ggml.token_type"][0] = 1  # <|endoftext|> typed as normal

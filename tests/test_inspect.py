@@ -28,7 +28,7 @@ from mlx_lm import load as mlx_load
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny_models import CONFIGS, build, quantized  # noqa: E402
+from tiny_models import CONFIGS, build, dense_weight, quantized  # noqa: E402
 
 from mlx_braces import (  # noqa: E402
     apply_braces,
@@ -36,7 +36,7 @@ from mlx_braces import (  # noqa: E402
     load_adapter,
     save_adapter,
 )
-from mlx_braces.inspect import (  # noqa: E402
+from mlx_braces.lens import (  # noqa: E402
     FINAL_NORMS,
     capture,
     inspect_braces,
@@ -46,9 +46,8 @@ from mlx_braces.inspect import (  # noqa: E402
     value_norms,
     value_vectors,
 )
+from mlx_braces.models import EMBEDDED_MODEL as STORIES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-STORIES = ROOT / "mlx_braces" / "assets" / "stories260K"
 PROMPT = "Once upon a time, there was a little girl named Lily."
 
 
@@ -58,18 +57,7 @@ def np32(a: mx.array) -> np.ndarray:
 
 def dequantized(layer: nn.Module) -> np.ndarray:
     """The full weight matrix of a (possibly quantized) linear or embedding."""
-    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return np32(
-            mx.dequantize(
-                layer.weight,
-                layer.scales,
-                layer.get("biases"),
-                group_size=layer.group_size,
-                bits=layer.bits,
-                mode=layer.mode,
-            )
-        )
-    return np32(layer.weight)
+    return np32(dense_weight(layer))
 
 
 def numpy_logits(model, braced, indices):
@@ -314,7 +302,10 @@ def test_steering_applies_for_the_call_only():
 
 
 def test_gate_zero_means_no_change():
-    model = apply_braces(build("llama"), rank=4, gate_init=-1e4, seed=0)
+    """A closed gate (g = 0) changes nothing, while the same braces opened do."""
+    model = apply_braces(build("llama"), rank=4, gate_init=-math.inf, seed=0)
+    tokens = mx.array([[1, 2, 3]])
+    assert mx.array_equal(model(tokens), build("llama")(tokens))  # the unpatched model
 
     class Tok:  # token ids in, their decimal text out
         def decode(self, ids):
@@ -323,6 +314,12 @@ def test_gate_zero_means_no_change():
     ins = inspect_braces(model, Tok(), [1, 2, 3], top_vectors=2, top_tokens=2)
     assert np.all(ins.gates == 0) and np.all(ins.relative_change == 0)
     assert np.all(ins.change == 0) and ins.token_text == ["<1>", "<2>", "<3>"]
+    assert np.abs(ins.weight).max() > 0  # the FFNs did run: only the brace is off
+    for _, m in braced_layers(model):  # the same R, gate opened to g = 0.5
+        m.gate = mx.zeros((1,))
+    opened = inspect_braces(model, Tok(), [1, 2, 3], top_vectors=2, top_tokens=2)
+    assert np.all(opened.gates == 0.5) and np.all(opened.relative_change > 0)
+    assert np.all(opened.change > 0)
 
 
 # ---------------------------------------------------------------------------
@@ -345,11 +342,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_cli_json_and_plot(adapter, tmp_path):
-    """``python -m mlx_braces.inspect`` runs (no stdlib ``inspect`` shadowing)."""
+    """``python -m mlx_braces.lens`` writes the JSON and PNG of an inspection."""
     pytest.importorskip("matplotlib")
     png = tmp_path / "brace.png"
     out = subprocess.run(
-        [sys.executable, "-m", "mlx_braces.inspect", "--adapter-path", str(adapter)]
+        [sys.executable, "-m", "mlx_braces.lens", "--adapter-path", str(adapter)]
         + ["--prompt", PROMPT, "--json", "--top-vectors", "2", "--top-tokens", "3"]
         + ["--plot", str(png)],
         capture_output=True,

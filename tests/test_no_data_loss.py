@@ -34,8 +34,10 @@ TEMP = re.compile(r"^\.[a-z0-9_]+\.[a-z0-9_]{8}\.[a-z]+$")  # commit's temporary
 
 
 def run_args(data: Path, folder: Path, rank: int, iters: int) -> list[str]:
-    argv = ["--data", str(data), "--adapter-path", str(folder), "--rank", str(rank)]
-    argv += ["--iters", str(iters), "--save-every", "2", "--max-seq-length", "32"]
+    """A short run of the embedded stories260k (no download) on ``data``."""
+    argv = ["--model", "stories260k", "--data", str(data), "--adapter-path"]
+    argv += [str(folder), "--rank", str(rank), "--iters", str(iters)]
+    argv += ["--save-every", "2", "--max-seq-length", "32"]
     return argv + ["--steps-per-report", "1", "--seed", str(rank)]
 
 

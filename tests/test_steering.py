@@ -8,6 +8,7 @@ must move a likelihood-ratio sentiment score in the direction of the strength.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -28,13 +29,12 @@ from mlx_braces.steering import (
     add_attributes,
     attribute_names,
     install_attributes,
-    iterate_batches,
-    loss,
     read_attributes,
     steer,
     steering,
     tokenize_words,
 )
+from mlx_braces.trainer import default_loss, iterate_batches
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import quantized  # noqa: E402
@@ -48,6 +48,16 @@ WORDS = {"positive": ["happy", "good", "love"], "negative": ["sad", "bad", "angr
 @pytest.fixture(scope="module")
 def stories():
     return load(str(STORIES))
+
+
+def example(name: str):
+    """``examples/NAME.py`` as a module (examples/ is a plain folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "examples" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fresh(stories):
@@ -125,9 +135,7 @@ def test_r_c_and_conditioned_ffn_match_numpy(stories):
         W_V = _np(m.down.weight)  # (d, d_ff)
         A = R @ W_V
         r_c = (h @ R.T) @ A / np.sqrt(m.rank)  # (n_attr, d_ff)
-        np.testing.assert_allclose(
-            _np(m.attribute_relevance()), r_c, rtol=1e-4, atol=1e-5
-        )
+        np.testing.assert_allclose(_np(c.relevance(m)), r_c, rtol=1e-4, atol=1e-5)
 
         xn = _np(x)
         w = _silu(xn @ _np(m.ffn.gate_proj.weight).T) * (
@@ -144,10 +152,10 @@ def test_cached_steering_gives_identical_logits(stories):
     steer(model, {"positive": 2.0, "negative": 1.0})
     first = model(PROMPT)  # computes and caches S r_c
     m0 = braced_layers(model)[0][1]
-    cached = m0._steering.term
+    cached = m0._memo.value("steering")  # the offset (S h_c) Rᵀ
     assert cached is not None
     again = model(PROMPT)
-    assert m0._steering.term is cached  # served from the cache
+    assert m0._memo.value("steering") is cached  # served from the cache
     assert mx.array_equal(first, again).item()
 
     # Equal but new arrays (as after load_weights) miss every cache: recomputed
@@ -155,7 +163,7 @@ def test_cached_steering_gives_identical_logits(stories):
     model.update(tree_map(lambda p: p * 1.0, model.trainable_parameters()))
     steer(model, {"positive": 2.0, "negative": 1.0})
     uncached = model(PROMPT)
-    assert m0._steering.term is not cached
+    assert m0._memo.value("steering") is not cached
     assert mx.array_equal(uncached, first).item()
     # The training path (nothing cached) computes the same function.
     model.train()
@@ -208,9 +216,7 @@ def test_quantized_r_c_matches_dequantized_numpy():
         h = h + _np(c.out.bias)
         R = _np(m.R)
         want = (h @ R.T) @ (R @ W_V) / np.sqrt(m.rank)
-        np.testing.assert_allclose(
-            _np(m.attribute_relevance()), want, rtol=2e-2, atol=2e-3
-        )
+        np.testing.assert_allclose(_np(c.relevance(m)), want, rtol=2e-2, atol=2e-3)
 
 
 # ---------------------------------------------------------------------------
@@ -358,8 +364,6 @@ def sst2(split, n=None):
 def test_dataset_batches_and_loss(stories):
     from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
-    from mlx_braces.trainer import default_loss
-
     model, tok = steered_model(stories)
     rows = sst2("valid", 8) + [{"text": "no label here"}]
     data = AttributeDataset(
@@ -379,12 +383,12 @@ def test_dataset_batches_and_loss(stories):
             ]
             seen += 1
         # The loss is the LM loss with each row steered by its label (s = +1).
-        got, _ = loss(model, batch, lengths, labels)
+        got, _ = default_loss(model, batch, lengths, labels)
         steer(model, [dict(zip(["positive", "negative"], r)) for r in labels.tolist()])
         want, _ = default_loss(model, batch, lengths)
         steer(model, None)
         assert abs(got.item() - want.item()) < 1e-5
-        assert braced_layers(model)[0][1].steering is None  # cleared after the loss
+        assert braced_layers(model)[0][1].cond.strengths is None  # restored after
     assert seen == 9
 
     bad = TextDataset([rows[0], {"text": "x", "attribute": "neutral"}], tok)
@@ -431,7 +435,7 @@ def test_trained_attribute_moves_sentiment_score(stories):
         CacheDataset(TextDataset(train, tok)), attribute_names(model)
     )
     opt = optim.Adam(learning_rate=1e-2)
-    step = nn.value_and_grad(model, loss)
+    step = nn.value_and_grad(model, default_loss)
     model.train()
     for _, batch in zip(range(100), iterate_batches(data, 8, 64, loop=True, seed=0)):
         _, grads = step(model, *batch)
@@ -439,24 +443,86 @@ def test_trained_attribute_moves_sentiment_score(stories):
         mx.eval(model.parameters(), opt.state)
     model.eval()
 
-    def logprob(rows):
-        toks = [
-            [tok.bos_token_id, *tok.encode(r["text"], add_special_tokens=False)]
-            for r in rows
-        ]
-        x = np.zeros((len(toks), max(map(len, toks))), np.int32)
-        mask = np.zeros((len(toks), x.shape[1] - 1), np.float32)
-        for i, t in enumerate(toks):
-            x[i, : len(t)], mask[i, : len(t) - 1] = t, 1
-        x, mask = mx.array(x), mx.array(mask)
-        lp = -nn.losses.cross_entropy(model(x[:, :-1]), x[:, 1:]) * mask
-        return (lp.sum() / mask.sum()).item()
-
+    # The example's score: per-token log p(positive rows) - log p(negative rows).
+    sentiment_score = example("steer_sentiment").sentiment_score
     held = [r for r in sst2("test") if len(r["text"].split()) <= 10]
     pos = [r for r in held if r["attribute"] == "positive"][:100]
     neg = [r for r in held if r["attribute"] == "negative"][:100]
     score = {}
     for s in (-1.0, 0.0, 1.0):
         steer(model, {"positive": s})
-        score[s] = logprob(pos) - logprob(neg)
+        score[s] = sentiment_score(model, tok, pos + neg)
     assert score[1.0] > score[0.0] + 0.002 and score[0.0] > score[-1.0] + 0.002, score
+
+
+# ---------------------------------------------------------------------------
+# Import graph
+
+
+def _our_imports(file: Path, top_level: bool) -> set[str]:
+    """The mlx_braces modules ``file`` imports (top-level statements, or anywhere)."""
+    import ast
+
+    tree = ast.parse(file.read_text())
+    nodes = tree.body if top_level else list(ast.walk(tree))
+    level = 2 if file.parent.name == "conversion" else 1  # relative to mlx_braces/
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level == level:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("mlx_braces."):
+                out.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("mlx_braces.")]
+            out.update(n.split(".")[1] for n in names)
+    return out
+
+
+def test_import_graph_has_no_cycle_and_steering_needs_only_braces():
+    pkg = ROOT / "mlx_braces"
+    graph = {f.stem: _our_imports(f, True) for f in pkg.glob("*.py")}
+    graph.pop("__init__")
+    graph["conversion"] = set().union(
+        *(_our_imports(f, True) for f in (pkg / "conversion").glob("*.py"))
+    )
+    assert graph["steering"] == {"braces"}
+    # Not even inside a function: no trainer, train or adapters.
+    later = _our_imports(pkg / "steering.py", False)
+    assert not later & {"trainer", "train", "adapters"}, later
+
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in path, "import cycle: " + " -> ".join(path + [module])
+        if module in done or module not in graph:
+            return
+        path.append(module)
+        for dep in sorted(graph[module]):
+            visit(dep)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_importing_steering_loads_no_trainer():
+    """Imported alone (the package's __init__ bypassed), steering loads braces only."""
+    import subprocess
+
+    code = (
+        "import sys, types\n"
+        "pkg = types.ModuleType('mlx_braces')\n"
+        f"pkg.__path__ = [{str(ROOT / 'mlx_braces')!r}]\n"
+        "sys.modules['mlx_braces'] = pkg\n"
+        "import mlx_braces.steering\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlx_braces.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['mlx_braces.braces', 'mlx_braces.steering']"

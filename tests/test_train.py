@@ -1,7 +1,8 @@
 """``python -m mlx_braces.train``: training, exact resume, safe saves and bad input.
 
-Runs the real CLI on the embedded stories260K model (4-bit, as the quickstart does)
-and small slices of the embedded SST-2 data; losses are compared across runs exactly.
+Runs the real CLI on the embedded stories260K model (``--model stories260k``: 4-bit,
+no download) and small slices of the embedded SST-2 data; losses are compared across
+runs exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 
 from mlx_braces import apply_braces, load, load_adapter
+from mlx_braces.adapters import RESUME_NAME
 from mlx_braces.braces import orthonormality_error
 from mlx_braces.train import (
     EMBEDDED_DATA,
@@ -38,14 +40,16 @@ from mlx_braces.train import (
     run,
 )
 from mlx_braces.trainer import (
-    RESUME_NAME,
     TrainingError,
     TrainingInterrupted,
+    check_batch_size,
     iterate_batches,
     train,
 )
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The embedded toy model; with no --model the CLI would train SmolLM2 (quickstart).
+EMBEDDED = ["--model", "stories260k"]
 SST2 = [json.loads(line) for line in open(EMBEDDED_DATA / "train.jsonl")]
 
 
@@ -73,9 +77,10 @@ def weights(file: Path) -> dict[str, np.ndarray]:
 
 
 def error_of(capsys, argv: list[str]) -> str:
-    """Run the CLI expecting a user error; returns its one-line message."""
+    """Run the CLI (on stories260k unless argv gives --model) expecting a user error;
+    returns its one-line message."""
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        main([*EMBEDDED, *argv])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and "Traceback" not in err
@@ -106,7 +111,8 @@ def resume_setup(tmp_path_factory):
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(RESUME_YAML))
     reference = root / "reference"
-    main(["-c", str(config), "--data", str(data), "--adapter-path", str(reference)])
+    argv = ["-c", str(config), "--data", str(data), "--adapter-path", str(reference)]
+    main([*EMBEDDED, *argv])
     return config, data, reference
 
 
@@ -127,8 +133,9 @@ def same_run(a: Path, b: Path) -> None:
 def test_loss_decreases_adapter_loads_and_test_set(tmp_path, capsys):
     data = write_data(tmp_path / "data", train=8, valid=8, test=8)
     adapter = tmp_path / "adapter"
-    argv = ["--data", str(data), "--adapter-path", str(adapter), "--batch-size", "4"]
-    argv += ["--max-seq-length", "40", "--iters", "30", "--steps-per-eval", "30"]
+    argv = [*EMBEDDED, "--data", str(data), "--adapter-path", str(adapter)]
+    argv += ["--batch-size", "4", "--max-seq-length", "40", "--iters", "30"]
+    argv += ["--steps-per-eval", "30"]
     argv += ["--learning-rate", "2e-2", "--val-batches", "-1", "--train", "--test"]
     main(argv)
     out = capsys.readouterr().out
@@ -168,7 +175,7 @@ def test_loss_decreases_adapter_loads_and_test_set(tmp_path, capsys):
     assert config["learning_rate"] == 2e-2 and config["iters"] == 30
 
     # --test alone evaluates the adapter in --adapter-path: the same test loss.
-    argv = ["--data", str(data), "--adapter-path", str(adapter), "--test"]
+    argv = [*EMBEDDED, "--data", str(data), "--adapter-path", str(adapter), "--test"]
     main(argv + ["--batch-size", "4", "--max-seq-length", "40"])
     assert f"Test loss {test['test_loss']:.3f}," in capsys.readouterr().out
     assert metrics(adapter, "test", "test_loss") == [test["test_loss"]] * 2
@@ -176,8 +183,9 @@ def test_loss_decreases_adapter_loads_and_test_set(tmp_path, capsys):
     # --resume-adapter-file starts from those weights: the first validation of the
     # new run is the last one of the old.
     again = tmp_path / "again"
-    argv = ["--data", str(data), "--adapter-path", str(again), "--batch-size", "4"]
-    argv += ["--max-seq-length", "40", "--iters", "1", "--val-batches", "-1"]
+    argv = [*EMBEDDED, "--data", str(data), "--adapter-path", str(again)]
+    argv += ["--batch-size", "4", "--max-seq-length", "40", "--iters", "1"]
+    argv += ["--val-batches", "-1"]
     main(argv + ["--resume-adapter-file", str(adapter / "adapters.safetensors")])
     assert metrics(again, "val", "val_loss")[0] == val_loss[-1]
 
@@ -195,6 +203,7 @@ def test_resume_after_ctrl_c_is_exact(resume_setup, tmp_path):
             pass
 
     cli = {"config": str(config), "data": str(data), "adapter_path": str(adapter)}
+    cli["model"] = "stories260k"
     with pytest.raises(TrainingInterrupted) as e:
         run(resolve_args(dict(cli)), training_callback=CtrlC())
     assert e.value.iteration == 3  # mid-accumulation: a pending gradient is saved
@@ -209,7 +218,8 @@ def test_resume_after_ctrl_c_is_exact(resume_setup, tmp_path):
 def test_ctrl_c_in_a_subprocess_saves_and_exits_130(tmp_path):
     data = write_data(tmp_path / "data", train=8, valid=4, test=0)
     adapter = tmp_path / "adapter"
-    cmd = [sys.executable, "-u", "-m", "mlx_braces.train", "--data", str(data)]
+    cmd = [sys.executable, "-u", "-m", "mlx_braces.train", *EMBEDDED]
+    cmd += ["--data", str(data)]
     cmd += ["--adapter-path", str(adapter), "--iters", "100000", "--max-seq-length"]
     cmd += ["32", "--steps-per-report", "1", "--val-batches", "1"]
     proc = subprocess.Popen(
@@ -257,7 +267,8 @@ main(sys.argv[1:])
 def test_kill_during_save_keeps_previous_checkpoint(resume_setup, tmp_path):
     config, data, reference = resume_setup
     adapter = tmp_path / "adapter"
-    argv = ["-c", str(config), "--data", str(data), "--adapter-path", str(adapter)]
+    argv = [*EMBEDDED, "-c", str(config), "--data", str(data)]
+    argv += ["--adapter-path", str(adapter)]
     proc = subprocess.run(
         [sys.executable, "-c", KILL_DURING_SAVE, *argv], capture_output=True, text=True
     )
@@ -284,7 +295,10 @@ def test_kill_during_save_keeps_previous_checkpoint(resume_setup, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     args = resolve_args(
-        {"data": str(write_data(tmp_path / "data", train=8, valid=0, test=0))}
+        {
+            "model": "stories260k",
+            "data": str(write_data(tmp_path / "data", train=8, valid=0, test=0)),
+        }
     )
     model, tokenizer = load_model(args)
     train_set, _, _ = load_datasets(args, tokenizer)
@@ -351,7 +365,7 @@ def test_cli_reports_non_finite_training(tmp_path, capsys):
         (
             ['{"messages": [{"role": "user", "content": "hi"}]}'] * 4,
             "train.jsonl is a chat dataset, which mlx-lm formats with the tokenizer's "
-            "chat template, but the tokenizer of the embedded model has none",
+            "chat template, but the tokenizer of stories260k has none",
         ),
         (
             ['{"prompt": "a", "completion": "b"}'] * 4,
@@ -404,13 +418,15 @@ def test_bad_options_are_one_clear_error(tmp_path, capsys):
 
 def test_long_sequences_warn_once_with_counts(tmp_path, capsys):
     data = write_data(tmp_path / "data", train=8, valid=0, test=0)
-    _, tokenizer = load_model(resolve_args({}))
+    _, tokenizer = load_model(resolve_args({"model": "stories260k"}))
     # Token counts as mlx-lm's text format makes them (BOS ... EOS).
     lengths = [len(tokenizer.encode(r["text"])) + 1 for r in SST2[:8]]
     limit = sorted(lengths)[4]
     n_long = sum(n > limit for n in lengths)
     assert 0 < n_long < 8
-    args = resolve_args({"data": str(data), "max_seq_length": limit})
+    args = resolve_args(
+        {"model": "stories260k", "data": str(data), "max_seq_length": limit}
+    )
     capsys.readouterr()
     (train_set, _, _) = load_datasets(args, tokenizer)
     out = capsys.readouterr().out
@@ -466,14 +482,35 @@ def test_yaml_and_command_line_precedence(tmp_path):
     assert (args.epochs, args.iters) == (None, 5)
     args = resolve_args({"config": str(config), "model": "m"})
     assert args.epochs == 2
-    # No --model: the embedded quickstart's shorter run.
-    assert resolve_args({}).iters < 1000
+    # No --model: the quickstart, SmolLM2-135M-Instruct on its one-word SST-2
+    # question, float32 where MLX runs on the CPU.
+    args = resolve_args({})
+    assert (args.model, args.quickstart, args.embedded) == (
+        "smollm2-135m-instruct",
+        True,
+        False,
+    )
+    assert args.data == str(EMBEDDED_MODEL.parent / "quickstart") and args.mask_prompt
+    assert (Path(args.data) / "train.jsonl").is_file()
+    assert (args.iters, args.learning_rate, args.gate_init) == (25, 2e-3, -3.0)
+    assert (args.steps_per_eval, args.save_every, args.val_batches) == (25, 25, 2)
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert args.dequantize == ("float32" if on_cpu else None)
+    assert resolve_args({"iters": 3, "gate_init": -5.0}).iters == 3  # flags win
+    # --model stories260k: the embedded toy's shorter run, 4-bit, embedded data.
+    args = resolve_args({"model": "stories260k"})
+    assert args.embedded and not args.quickstart and args.iters < 1000
+    assert (args.iters, args.learning_rate) == (200, 1e-2)
+    assert (args.steps_per_eval, args.save_every) == (100, 100)
+    assert args.data is None and args.dequantize is None and not args.mask_prompt
+    assert args.gate_init == -5.0
 
 
 def test_epochs_set_iters_and_see_every_example_once_per_epoch(tmp_path, capsys):
     data = write_data(tmp_path / "data", train=9, valid=0, test=0)
     adapter = tmp_path / "a"
-    main(["--data", str(data), "--adapter-path", str(adapter), "--epochs", "2"])
+    main([*EMBEDDED, "--data", str(data), "--adapter-path", str(adapter)]
+         + ["--epochs", "2"])  # fmt: skip
     assert "2 epoch(s) of 2 batches: 4 iterations" in capsys.readouterr().out
     assert metrics(adapter, "train", "iteration") == [4]
 
@@ -548,3 +585,74 @@ def test_mask_prompt_masks_exactly_the_prompt(tmp_path):
             count += 1
     assert int(ntoks) == count
     np.testing.assert_allclose(loss.item(), total / count, rtol=1e-5)
+
+
+def test_test_set_of_an_attribute_adapter_is_scored_steered(tmp_path):
+    """``--test`` on an attribute adapter: each test row steered by its label.
+
+    The CLI's test loss must equal a per-row computation in float64 over the
+    adapter's logits with ``steering(model, {label: 1})`` (no steering for the
+    unlabelled row), and differ from the unsteered score.
+    """
+    from mlx_lm.tuner.datasets import TextDataset
+
+    from mlx_braces import braced_layers, save_adapter
+    from mlx_braces.steering import add_attributes, steering
+
+    words = {"positive": ["good", "happy"], "negative": ["bad", "sad"]}
+    model, tokenizer = mlx_load(str(EMBEDDED_MODEL))
+    apply_braces(model, rank=4, seed=0, gate_init=0.0)
+    add_attributes(model, tokenizer, words, hidden_dims=8, seed=0)
+    for i, (_, m) in enumerate(braced_layers(model)):  # trained-like, nonzero h_c
+        shape = m.cond.out.weight.shape
+        m.cond.out.weight = 0.5 * mx.random.normal(shape, key=mx.random.key(i))
+    adapter = save_adapter(model, tmp_path / "adapter", model=str(EMBEDDED_MODEL))
+
+    records = [{"text": r["text"], "attribute": r["attribute"]} for r in SST2[:7]]
+    records[6] = {"text": records[6]["text"]}  # one unlabelled test row
+    data = write_data(tmp_path / "data", train=3, valid=0, test=4, records=records)
+    main(["--model", str(EMBEDDED_MODEL), "--data", str(data), "--test"]
+         + ["--adapter-path", str(adapter), "--batch-size", "4"])  # fmt: skip
+    (got,) = metrics(adapter, "test", "test_loss")
+
+    tested, _ = mlx_load(str(EMBEDDED_MODEL))
+    load_adapter(tested, adapter)
+    tested.eval()
+    rows = records[3:7]
+    tokens = TextDataset(rows, tokenizer)
+
+    def score(steered: bool) -> float:
+        total, count = 0.0, 0
+        for i, row in enumerate(rows):
+            ids, _ = tokens.process(tokens[i])
+            label = row.get("attribute") if steered else None
+            with steering(tested, {label: 1.0} if label else None):
+                logits = tested(mx.array([ids[:-1]])).astype(mx.float32)
+            logits = np.array(logits, dtype=np.float64)[0]
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            total -= sum(logp[j, ids[j + 1]] for j in range(len(ids) - 1))
+            count += len(ids) - 1
+        return total / count
+
+    want, unsteered = score(True), score(False)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    assert abs(want - unsteered) > 100 * 2e-5 * want  # the steering matters here
+
+
+def test_batch_size_checks_and_mixed_items_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"^Dataset has 2 examples, fewer than "):
+        next(iterate_batches([[1, 2, 3], [4, 5]], 3, 64))
+    with pytest.raises(
+        ValueError,
+        match=r"^--batch-size 4 must be divisible by the number of processes \(3\)$",
+    ):
+        check_batch_size(4, 8, 3, name="--batch-size")
+    check_batch_size(4, 4, 2)  # enough examples, an even split: fine
+    mixed = [([1, 2], 0, [1.0]), ([3, 4, 5], 0)]
+    with pytest.raises(ValueError, match="mix .* without strengths"):
+        next(iterate_batches(mixed, 2, 64))
+    # Strengths travel with their rows (here: sorted by length, one batch).
+    items = [([7, 7, 7], 0, [0.0, 1.0]), ([5, 5], 1, [1.0, 0.0])]
+    tokens, lengths, strengths = next(iterate_batches(items, 2, 64))
+    assert tokens[:, 0].tolist() == [5, 7] and lengths.tolist() == [[1, 2], [0, 3]]
+    assert strengths.tolist() == [[1.0, 0.0], [0.0, 1.0]]

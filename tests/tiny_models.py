@@ -6,16 +6,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
-_COMMON = dict(
+# Sizes every architecture shares; _COMMON adds what the Llama-like ones name alike.
+_SIZES = dict(
     hidden_size=64,
-    intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
-    num_key_value_heads=2,
     vocab_size=128,
-    rms_norm_eps=1e-5,
     max_position_embeddings=256,
 )
+_COMMON = dict(_SIZES, intermediate_size=96, num_key_value_heads=2, rms_norm_eps=1e-5)
 
 CONFIGS = {
     "llama": dict(_COMMON, model_type="llama"),
@@ -57,27 +56,19 @@ CONFIGS = {
         vocab_size=128,
     ),
     "gpt_neox": dict(
+        _SIZES,
         model_type="gpt_neox",
-        hidden_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
         layer_norm_eps=1e-5,
-        vocab_size=128,
         rotary_emb_base=10000,
         rotary_pct=0.25,
-        max_position_embeddings=256,
     ),
     "phi": dict(
+        _SIZES,
         model_type="phi",
-        hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
-        vocab_size=128,
         layer_norm_eps=1e-5,
         partial_rotary_factor=0.5,
-        max_position_embeddings=256,
     ),
 }
 
@@ -99,6 +90,20 @@ def build(arch: str, seed: int = 0, **overrides) -> nn.Module:
     model.load_weights(params)
     mx.eval(model.parameters())
     return model
+
+
+def dense_weight(layer: nn.Module) -> mx.array:
+    """The weight of a linear or embedding, dequantized if quantized (for references)."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return mx.dequantize(
+            layer.weight,
+            layer.scales,
+            layer.get("biases"),
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+    return layer.weight
 
 
 def quantized(arch: str, bits: int = 4, group_size: int = 32, mode: str = "affine"):

@@ -323,21 +323,32 @@ def _bpe_tokenizer(meta: dict[str, Any], tokens: list[str]) -> tuple[dict, dict]
             "pretokenizers": [*splits, {"type": "ByteLevel", **byte_level}],
         },
         "decoder": {"type": "ByteLevel", **byte_level},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": ignore_merges,
-            "vocab": ids,
-            "merges": _bpe_merges(meta, ids),
-        },
+        "model": _bpe_model(ids, _bpe_merges(meta, ids), False, False, ignore_merges),
     }
     ids_default = {"bos": 11, "eos": 11, "unknown": None, "padding": None}
     return parts, {"add_bos": add_bos, "clean_spaces": clean_spaces, **ids_default}
+
+
+def _bpe_model(
+    vocab: dict[str, int],
+    merges: list[list[str]],
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+) -> dict[str, Any]:
+    """tokenizer.json's ``model`` for a BPE vocabulary (byte-level or SentencePiece)."""
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": None,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": fuse_unk,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": ignore_merges,
+        "vocab": vocab,
+        "merges": merges,
+    }
 
 
 def spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
@@ -385,18 +396,13 @@ def _spm_tokenizer(meta: dict[str, Any], tokens: list[str]) -> tuple[dict, dict]
         "normalizer": normalizer,
         "pre_tokenizer": None,
         "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": True,
-            "byte_fallback": byte_fallback,
-            "ignore_merges": False,
-            "vocab": {t: i for i, t in enumerate(tokens)},
-            "merges": spm_merges(tokens, [float(s) for s in scores]),
-        },
+        "model": _bpe_model(
+            {t: i for i, t in enumerate(tokens)},
+            spm_merges(tokens, [float(s) for s in scores]),
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+            ignore_merges=False,
+        ),
     }
     ids_default = {"bos": 1, "eos": 2, "unknown": 0, "padding": None}
     return parts, {"add_bos": True, "clean_spaces": False, **ids_default}

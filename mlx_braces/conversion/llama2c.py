@@ -22,7 +22,7 @@ and the float32 ``export.py --version 1`` format (``ak42`` magic). The int8
 ``--version 2`` format is not supported.
 
 Command line: ``python scripts/convert_llama2c.py CHECKPOINT TOKENIZER OUT_DIR``
-or ``python -m mlx_braces.llama2c CHECKPOINT TOKENIZER OUT_DIR``.
+or ``python -m mlx_braces.conversion.llama2c CHECKPOINT TOKENIZER OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ stories and is meant for tests and demos, not for real use. llama2.c's
 
 ## What the conversion did
 
-`mlx_braces/llama2c.py` (`scripts/convert_llama2c.py`) renamed the llama2.c
-tensors to mlx-lm's llama names without changing any value, dropped the
+`mlx_braces/conversion/llama2c.py` (`scripts/convert_llama2c.py`) renamed the
+llama2.c tensors to mlx-lm's llama names without changing any value, dropped the
 unused RoPE tables, and rebuilt the tokenizer as a Hugging Face `tokenizers`
 BPE model (`tokenizer.json`) that encodes and decodes exactly like llama2.c.
 `rope_traditional` is true in `config.json` because llama2.c rotates adjacent
@@ -480,8 +480,8 @@ def _model_card(
     else:
         card = (
             f"# {checkpoint.stem}, converted from llama2.c for mlx-lm\n\n"
-            "Converted with `mlx_braces/llama2c.py`. Add the source, licence and "
-            "attribution of the original checkpoint here.\n"
+            "Converted with `mlx_braces/conversion/llama2c.py`. Add the source, "
+            "licence and attribution of the original checkpoint here.\n"
         )
     n_params = cfg.vocab_size * cfg.dim * (1 if cfg.shared_classifier else 2)
     n_params += cfg.dim + cfg.n_layers * (

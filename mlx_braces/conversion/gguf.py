@@ -3,8 +3,8 @@
 ``convert_gguf(FILE.gguf, DIR)`` writes a folder that plain ``mlx_lm.load``
 opens: ``config.json`` built from the GGUF metadata, ``model.safetensors``
 under mlx-lm's parameter names, the tokenizer files of
-:func:`mlx_braces.gguf_tokenizer.tokenizer_files` and a ``README.md`` card
-with the source file's sha256 and licence.
+:func:`mlx_braces.conversion.gguf_tokenizer.tokenizer_files` and a ``README.md``
+card with the source file's sha256 and licence.
 
 Architectures: ``llama`` (SmolLM, TinyLlama, Llama 2/3, dense Mistral),
 ``qwen2`` (Qwen2/2.5) and ``gemma3`` (Gemma 3 text, mlx-lm ``gemma3_text``).
@@ -30,7 +30,6 @@ Command line: ``python -m mlx_braces.convert --gguf FILE --mlx-path DIR``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..models import sha256_file
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 # Bumped whenever the converter's output changes for the same input, so that cached
@@ -409,28 +410,20 @@ def _read_tensor(t, path: Path) -> tuple[str, Any]:
 # Folder writing
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_card(path: Path, meta: dict, config: dict, notes: list[str]) -> str:
     name = meta.get("general.name") or path.stem
     licence = meta.get("general.license") or "not stated in the GGUF metadata"
     lines = [
         f"# {name}, converted from GGUF for mlx-lm",
         "",
-        f"Converted with `mlx_braces/gguf.py` (`python -m mlx_braces.convert --gguf "
-        f"{path.name} ...`).",
+        "Converted with `mlx_braces/conversion/gguf.py` "
+        f"(`python -m mlx_braces.convert --gguf {path.name} ...`).",
         "",
         "## Source and licence",
         "",
         "| file | sha256 |",
         "| --- | --- |",
-        f"| `{path.name}` | `{_sha256(path)}` |",
+        f"| `{path.name}` | `{sha256_file(path)}` |",
         "",
         f"* Licence (GGUF `general.license`): {licence}. The converted weights "
         "carry the licence of the original model.",

@@ -1,4 +1,4 @@
-"""See what a brace does to a prompt: ``python -m mlx_braces.inspect``.
+"""See what a brace does to a prompt: ``python -m mlx_braces.lens``.
 
 A braced FFN computes ``W_V · (w(x) + g·r(x))``. Each column ``v_j`` of ``W_V`` (a
 value vector) promotes the tokens that ``unembed(v_j)`` ranks highest (the logit
@@ -11,6 +11,9 @@ the value vectors the brace changed most, and the tokens each of them promotes.
 brace makes to the FFN output through ``v_j`` (averaged over the prompt's tokens,
 or per token). The ratio ``|g·r_j| / |w_j|`` is shown next to it but not used to
 rank, because it explodes for value vectors the base model barely uses.
+
+The installed command is ``mlx_braces.inspect``; the module is ``lens`` so that no
+module of the package shadows the standard library's ``inspect``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_braces.braces import BracedFFN, _model_type, braced_layers, linear_dims
+from .braces import BracedFFN, braced_layers, linear_dims, model_type
 
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
-FIGSIZE = (12.0, 6.0)  # inches; at DPI 100 every PNG is 1200 x 600 pixels
-DPI = 100
+FIGSIZE = (12.0, 6.0)  # inches: 1200 x 600 pixels (at plot.DPI)
 RELATIVE_CHANGE = "||W_V·g·r(x)|| / ||W_V·w(x)||"
 
 
@@ -50,7 +52,7 @@ def final_norm(model: nn.Module) -> nn.Module:
         if isinstance(norm, nn.Module):
             return norm
     raise InspectError(
-        f"Model type '{_model_type(model)}': no final norm found (looked for "
+        f"Model type '{model_type(model)}': no final norm found (looked for "
         f"model.{{{', '.join(FINAL_NORMS)}}}); cannot read value vectors out."
     )
 
@@ -73,14 +75,14 @@ def unembed(model: nn.Module, h: mx.array) -> mx.array:
         embed = next((inner[k] for k in ("embed_tokens", "wte") if k in inner), None)
         if embed is None:
             raise InspectError(
-                f"Model type '{_model_type(model)}': no lm_head or tied embedding "
+                f"Model type '{model_type(model)}': no lm_head or tied embedding "
                 "found; cannot read value vectors out."
             )
         logits = embed.as_linear(h)
     cap = getattr(model, "final_logit_softcapping", None)
     if cap:
         logits = mx.tanh(logits / cap) * cap
-    if _model_type(model) in ("cohere", "cohere2"):
+    if model_type(model) in ("cohere", "cohere2"):
         logits = logits * inner.args.logit_scale
     return logits
 
@@ -375,7 +377,7 @@ def inspect_braces(
         raise InspectError("top_vectors and top_tokens must be at least 1")
     blocks = braced_blocks(model)
     if steering:
-        from mlx_braces.steering import steering as steered
+        from .steering import steering as steered
 
         with steered(model, steering):
             pairs = capture(model, tokens)
@@ -484,12 +486,9 @@ def plot_inspection(ins: Inspection, file: str | Path | None):
 
     Saves a 1200 x 600 PNG to ``file`` (if given) and returns the matplotlib Figure.
     """
-    from mlx_braces.plot import require_matplotlib
+    from .plot import finish, new_figure
 
-    require_matplotlib("plotting an inspection")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    fig = new_figure(FIGSIZE, "plotting an inspection")
     heat_ax, gate_ax = fig.subplots(
         1, 2, gridspec_kw={"width_ratios": [5, 1]}, sharey=True
     )
@@ -513,9 +512,7 @@ def plot_inspection(ins: Inspection, file: str | Path | None):
     gate_ax.barh(range(L), ins.gates, color="C1")
     gate_ax.set(xlabel="g = sigmoid(ĝ)", title="Gate")
     gate_ax.grid(axis="x", alpha=0.3)
-    if file is not None:
-        fig.savefig(file)
-    return fig
+    return finish(fig, file)
 
 
 # ---------------------------------------------------------------------------
@@ -579,11 +576,12 @@ def steering_arg(attributes: list[str], strengths: list[float]) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from mlx_braces.adapters import AdapterError, load
+    from .adapters import AdapterError
+    from .loading import load
 
     try:
         if args.plot:
-            from mlx_braces.plot import require_matplotlib
+            from .plot import require_matplotlib
 
             require_matplotlib("--plot")
         steering = steering_arg(args.attribute, args.strength)
