@@ -24,7 +24,6 @@ from .braces import (
 from .conversion.gguf import GGUFError
 from .data import DataError
 from .loading import ModelLoadError, load
-from .models import ModelError
 from .quantize import QuantizeError
 from .steering import SteeringError, add_attributes, steer, steering
 from .trainer import TrainingArgs, TrainingError, TrainingInterrupted, train
@@ -66,16 +65,18 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``generate``/``stream_generate`` import mlx-lm's generation code on first use.
-
-    (Imported eagerly, ``python -m mlx_braces.generate`` would find its module
-    already loaded, which runpy warns about.)
+    """``generate``/``stream_generate`` (mlx-lm's generation code) and ``ModelError``
+    are imported on first use: imported with the package, ``python -m
+    mlx_braces.generate`` / ``mlx_braces.models`` would find their module already
+    loaded, which runpy warns about.
     """
-    if name in ("generate", "stream_generate"):
-        import importlib
+    import importlib
 
+    if name in ("generate", "stream_generate"):
         module = importlib.import_module(".generate", __name__)
         return getattr(module, name)  # the import set both (see _Package)
+    if name == "ModelError":  # models stays unimported (python -m mlx_braces.models)
+        return importlib.import_module(".models", __name__).ModelError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

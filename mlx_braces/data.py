@@ -13,7 +13,6 @@ from typing import Any
 from mlx_lm.cli_ui import rprint
 
 from ._compat import dataset_data
-from .models import EMBEDDED_DATA, is_local_path
 
 FORMATS = (
     'text {"text": ...}, completions {"prompt": ..., "completion": ...}, '
@@ -49,7 +48,9 @@ def check_batch_size(
 
 
 def read_jsonl(
-    file: str | Path, error: type[Exception] = None, name: str | Path | None = None
+    file: str | Path,
+    error: type[Exception] | None = None,
+    name: str | Path | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The JSON objects of a JSONL file, each with where it came from ("FILE line N").
 
@@ -191,6 +192,8 @@ def load_datasets(args, tokenizer) -> tuple[Any, Any, Any]:
     Uses mlx-lm's dataset classes; every record is checked and tokenized up front so
     that bad input fails before training with the file and line it came from.
     """
+    from .models import EMBEDDED_DATA, is_local_path  # (not at import: see __init__)
+
     data = args.data or str(EMBEDDED_DATA)
     model_name = args.model or "the embedded model"
     names = ("train", "valid", "test")

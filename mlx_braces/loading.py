@@ -22,7 +22,6 @@ from .adapters import (
     read_config,
     recorded_model,
 )
-from .models import is_gguf, is_local_path, named_model, resolve_model
 from .quantize import dequantize_dtype, dequantize_model, quantize_base
 
 
@@ -32,6 +31,8 @@ class ModelLoadError(ValueError, OSError):
 
 def model_load_message(spec: str, error: BaseException, source: str = "") -> str:
     """One line for an OSError of mlx-lm's load (Hugging Face's are paragraphs)."""
+    from .models import is_local_path  # (models is not imported with the package)
+
     local = Path(spec).expanduser()
     if local.exists() and not local.is_dir():
         why = "is a file, not a model folder"
@@ -57,6 +58,8 @@ def check_model_available(spec: str) -> None:
     no-op when it is there), so a server fails at startup rather than at its first
     request. (Named models and .gguf files: ``resolve_model``.)
     """
+    from .models import is_gguf, is_local_path, named_model
+
     if named_model(spec) or is_gguf(spec):
         return
     local = Path(spec).expanduser()
@@ -102,6 +105,8 @@ def load(
     """
     from huggingface_hub.errors import HFValidationError
     from mlx_lm import load as mlx_load
+
+    from .models import resolve_model
 
     dtype = dequantize_dtype(dequantize)  # a bad value fails before any loading
     if path_or_hf_repo is not None and not isinstance(path_or_hf_repo, (str, Path)):

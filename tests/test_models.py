@@ -368,3 +368,22 @@ def test_adapter_records_and_checks_base_gguf_sha256(
     (file / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="trained on the GGUF with sha256 0000"):
         load(adapter_path=str(file))
+
+
+def test_package_import_leaves_the_cli_modules_unloaded():
+    """``python -m mlx_braces.X`` (runpy) warns if importing the package loaded X."""
+    clis = ("models", "convert", "train", "generate", "server", "evaluate", "lens")
+    code = (
+        "import sys, mlx_braces\n"
+        f"print([m for m in {clis!r} if 'mlx_braces.' + m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+    run = subprocess.run(
+        [sys.executable, "-m", "mlx_braces.models", "list"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and "RuntimeWarning" not in run.stderr, run.stderr

@@ -41,8 +41,6 @@ from typing import Any
 
 import numpy as np
 
-from ..models import sha256_file
-
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 # Bumped whenever the converter's output changes for the same input, so that cached
 # conversions made by an older converter are rebuilt (mlx_braces.models checks it).
@@ -411,6 +409,8 @@ def _read_tensor(t, path: Path) -> tuple[str, Any]:
 
 
 def _model_card(path: Path, meta: dict, config: dict, notes: list[str]) -> str:
+    from ..models import sha256_file  # not at import: models imports this module
+
     name = meta.get("general.name") or path.stem
     licence = meta.get("general.license") or "not stated in the GGUF metadata"
     lines = [
