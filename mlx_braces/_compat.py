@@ -29,6 +29,9 @@ Touched, and why:
   (braced) model instead of loading by path (``swapped``).
 - ``argparse.ArgumentParser._actions``: edits the help/default of one of mlx-lm's
   generate flags (``parser_action``); argparse has no public lookup by dest.
+- ``mlx_lm.models.switch_layers._gather_sort(x, indices)``: a braced MoE block lays
+  out its per-token terms in the order ``SwitchGLU``/``SwitchMLP`` sort their tokens
+  by expert (``gather_sort``), so they meet the right rows.
 - mlx-lm datasets' ``_data`` (``TextDataset``, ``ChatDataset``,
   ``CompletionsDataset``, ``ConcatenatedDataset``, ``CacheDataset``): the raw records
   behind a loaded dataset, for attribute labels and record checks
@@ -54,6 +57,14 @@ def clear_cache(threshold: int) -> None:
     from mlx_lm.tuner.trainer import _clear_cache
 
     _clear_cache(threshold)
+
+
+def gather_sort(x: Any, indices: Any) -> tuple[Any, Any, Any]:
+    """``(x sorted by expert, sorted indices, inverse order)``, as mlx-lm's switch
+    layers sort their tokens before the gathered matmuls."""
+    from mlx_lm.models.switch_layers import _gather_sort
+
+    return _gather_sort(x, indices)
 
 
 def parse_size(text: str) -> int:

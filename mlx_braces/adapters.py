@@ -27,7 +27,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 
 from . import commit
 from ._version import __version__
-from .braces import apply_braces, braced_layers
+from .braces import DEFAULT_GATE_INIT, apply_braces, braced_layers
 from .steering import (
     SteeringError,
     attribute_config,
@@ -59,6 +59,7 @@ class BracesConfig:
     rank: int
     layers: list[str]  # paths of the braced FFNs, e.g. "model.layers.1.mlp"
     ffn_dims: list[int] | None = None  # d_ff per layer (None: saved before it)
+    experts: list[int] | None = None  # routed experts per layer, 0: dense (None: all)
     gate_init: float | None = None  # None: apply_braces' default
     attributes: dict[str, list[str]] | None = None  # attribute name: its words
     hidden_dims: int | None = None  # the attribute MLP's width
@@ -83,6 +84,10 @@ class BracesConfig:
             layers=[p for p, _ in layers],
             # d_ff per layer: R (rank, d) alone cannot tell bases of equal width apart
             ffn_dims=[m.hidden_dims for _, m in layers],
+            # R and gate have a dense FFN's shapes: only this tells an MoE base apart
+            experts=[m.num_experts for _, m in layers]
+            if any(m.num_experts for _, m in layers)
+            else None,
             gate_init=getattr(first, "gate_init", None),
             attributes=attr.get("attributes"),
             hidden_dims=params.get("hidden_dims"),
@@ -98,6 +103,8 @@ class BracesConfig:
         }
         if self.ffn_dims is not None:
             params["ffn_dims"] = list(self.ffn_dims)
+        if self.experts is not None:
+            params["experts"] = list(self.experts)
         out: dict[str, Any] = {
             "fine_tune_type": "braces",
             "format_version": self.format_version,
@@ -157,6 +164,19 @@ class BracesConfig:
                 f"{file}: braces_parameters.ffn_dims must list one integer per layer "
                 f"({len(layers)}), got {ffn_dims!r}"
             )
+        experts = params.get("experts")  # absent: every layer dense
+        if experts is not None and (
+            not isinstance(experts, list)
+            or len(experts) != len(layers)
+            or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for n in experts
+            )
+        ):
+            raise AdapterError(
+                f"{file}: braces_parameters.experts must list one integer >= 0 per "
+                f"layer ({len(layers)}; 0 for a dense FFN), got {experts!r}"
+            )
         attributes = config.get("attributes")
         hidden = contrast = None
         if attributes is not None:
@@ -176,6 +196,7 @@ class BracesConfig:
             rank=rank,
             layers=list(layers),
             ffn_dims=ffn_dims,
+            experts=experts,
             gate_init=params.get("gate_init"),
             attributes=attributes,
             hidden_dims=hidden,
@@ -542,13 +563,24 @@ def _brace_like(model: nn.Module, config: BracesConfig, file: Path) -> None:
             model,
             rank=config.rank,
             num_layers=config.num_layers,
-            gate_init=-5.0 if config.gate_init is None else config.gate_init,
+            gate_init=(
+                DEFAULT_GATE_INIT if config.gate_init is None else config.gate_init
+            ),
         )
     except ValueError as e:
         raise AdapterError(
             f"{file}: adapter does not fit this base model: {e}"
         ) from None
     have = [p for p, _ in braced_layers(model)]
+    recorded = config.experts or [0] * len(want)
+    actual = [m.num_experts for _, m in braced_layers(model)]
+    if len(actual) == len(recorded) and actual != recorded:
+        i = next(i for i, (a, b) in enumerate(zip(recorded, actual)) if a != b)
+        raise AdapterError(
+            f"{file}: adapter was trained on a base model whose {want[i]} is "
+            f"{_ffn_kind(recorded[i])}, this one's {have[i]} is "
+            f"{_ffn_kind(actual[i])} (wrong base model?)"
+        )
     if have != want:
         raise AdapterError(
             f"{file}: adapter braces layers {want[0]}..{want[-1]} ({len(want)}) but "
@@ -570,6 +602,10 @@ def _brace_like(model: nn.Module, config: BracesConfig, file: Path) -> None:
             hidden_dims=config.hidden_dims,
             contrast=config.contrast,
         )
+
+
+def _ffn_kind(experts: int) -> str:
+    return "a dense FFN" if experts == 0 else f"a mixture of {experts} experts"
 
 
 def load_adapter(

@@ -199,7 +199,14 @@ def capture(model: nn.Module, tokens) -> list[tuple[np.ndarray, np.ndarray]]:
     ``w`` is the base FFN's contribution weights (the down projection's input) and
     ``g·r`` what the brace adds to them (with any steering set on the model).
     """
-    injects = [getattr(m.ffn, m.down_name) for _, _, m in braced_blocks(model)]
+    blocks = braced_blocks(model)
+    moe = [str(i) for i, _, m in blocks if m.num_experts]
+    if moe:
+        raise InspectError(
+            f"inspection reads dense FFNs; block(s) {', '.join(moe)} are "
+            "mixture-of-experts (per-expert contributions are not inspected)"
+        )
+    injects = [getattr(m.ffn, m.down_name) for _, _, m in blocks]
     records = [[] for _ in injects]
     try:
         for inject, record in zip(injects, records):

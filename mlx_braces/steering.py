@@ -261,12 +261,15 @@ class Conditional(nn.Module):
         return self.out(nn.silu(self.up(self.e)))
 
     def relevance(self, braced: BracedFFN) -> mx.array:
-        """``r_c`` (n_attr, d_ff): the relevance in ``braced`` of every ``h_c``."""
+        """``r_c`` (n_attr, d_ff): the relevance in ``braced`` of every ``h_c``;
+        (n_attr, E, d_ff), one ``r_c`` per expert, in a braced MoE block."""
         return braced.relevance(self())
 
     def term(self, braced: BracedFFN, x: mx.array) -> mx.array | None:
-        """``S r_c`` fp32, broadcasting over ``x``'s rows (the train path); None
-        unsteered: (d_ff,) for one ``S``, (B, 1, ..., d_ff) for one per row."""
+        """``S r_c`` fp32, broadcasting over ``x``'s rows (a dense layer's train path;
+        an MoE block steers through :meth:`offset` in training too, since its ``r_c``
+        differs per routed expert); None unsteered: (d_ff,) for one ``S``,
+        (B, 1, ..., d_ff) for one per row."""
         S = self._strengths.S
         if S is None:
             return None

@@ -19,6 +19,12 @@ Models (``--models``, several allowed):
   the row says ``(random weights)``.
 - ``random``: a random 4-bit Llama from ``--hidden-size`` ... (default d=2048,
   d_ff=5632, 8 layers, 16/4 heads, vocab 32000); ``random:fp32`` unquantized.
+- ``moe`` (or ``--moe``): a random 4-bit Qwen3-MoE (every block routed experts;
+  ``--moe-hidden-size`` ..., default d=1024, 64 experts of width 384, top 8, 8 layers,
+  16/4 heads of 64, vocab 32000: Qwen3-30B-A3B at half its width, half its experts
+  and 8 of its 48 layers);
+  ``moe:fp32`` unquantized. With ``--ffn-calls`` its layer-0 MoE block is also timed
+  with the brace's exact per-row (train-mode) path, the alternative to the cached ``A``.
 - any mlx-lm folder or ``.gguf`` file (``PATH`` or ``PATH:fp32``).
 
 Peak memory per (model, variant) is measured in a fresh subprocess (``--no-memory``
@@ -29,6 +35,7 @@ Usage::
     python scripts/bench_forward.py [--models smollm2 smollm2:fp32 random]
         [--rank 16 --prompt-tokens 128 --decode-tokens 64 --repeats 9]
         [--out runs/bench_forward.json]
+    python scripts/bench_forward.py --moe [--ffn-calls 50]
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import mlx_braces  # noqa: E402, F401  (first: it loads OpenBLAS before mlx.core
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx_lm.generate import generate_step  # noqa: E402
-from mlx_lm.models import llama  # noqa: E402
+from mlx_lm.models import llama, qwen3_moe  # noqa: E402
 from smollm2_shape import SMOLLM2_135M  # noqa: E402
 
 from mlx_braces.braces import apply_braces  # noqa: E402
@@ -81,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--moe", action="store_true", help="--models moe (see above)")
+    p.add_argument("--moe-hidden-size", type=int, default=1024)
+    p.add_argument("--moe-intermediate-size", type=int, default=384)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--bits", type=int, default=4, help="random models' quantization")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--rank", type=int, default=16, help="braces and LoRA rank")
@@ -111,6 +123,37 @@ def random_llama(args, shape: dict, quantize: bool) -> nn.Module:
     model = llama.Model(
         llama.ModelArgs(**{"model_type": "llama", "rms_norm_eps": 1e-5, **shape})
     )
+    if quantize:
+        nn.quantize(model, group_size=args.group_size, bits=args.bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def random_moe(args, quantize: bool) -> nn.Module:
+    """A random Qwen3-MoE (mlx-lm's initialisation, from ``--seed``), 4-bit or fp32."""
+    d = args.moe_hidden_size
+    config = dict(
+        model_type="qwen3_moe",
+        hidden_size=d,
+        num_hidden_layers=args.layers,
+        intermediate_size=3 * d,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=d // args.heads,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=args.moe_intermediate_size,
+        rms_norm_eps=1e-6,
+        vocab_size=args.vocab,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        norm_topk_prob=True,
+    )
+    mx.random.seed(args.seed)
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))
     if quantize:
         nn.quantize(model, group_size=args.group_size, bits=args.bits)
     mx.eval(model.parameters())
@@ -161,6 +204,12 @@ def load_base(args, spec: str) -> tuple[nn.Module, str]:
         model = random_llama(args, shape, quantize=not fp32)
         label = f"random d={args.hidden_size} " + (
             "fp32" if fp32 else f"{args.bits}-bit"
+        )
+    elif name == "moe":
+        model = random_moe(args, quantize=not fp32)
+        label = (
+            f"Qwen3-MoE d={args.moe_hidden_size} E={args.experts} k={args.top_k} "
+            + ("fp32" if fp32 else f"{args.bits}-bit")
         )
     else:
         path = smollm2_folder() if name == "smollm2" else name
@@ -291,6 +340,9 @@ def ffn_timing(args, spec: str) -> dict:
     for v in ("unbraced", "braced"):
         model, _ = make_variant(args, spec, v)
         ffns[v] = model.layers[0].mlp
+    if spec.partition(":")[0] == "moe":  # the exact per-token path, uncached
+        model, _ = make_variant(args, spec, "braced")
+        ffns["braced exact"] = model.layers[0].mlp.train()
     d = model.args.hidden_size
     x = mx.random.normal((1, 1, d), key=mx.random.key(args.seed))
     mx.eval(x, *(f(x) for f in ffns.values()))
@@ -314,6 +366,8 @@ def ffn_timing(args, spec: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.moe:
+        args.models = ["moe"]
     if args.memory_only:
         print(measure_memory(args, *args.memory_only))
         return {}
@@ -356,6 +410,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{t['braced']['call_us']:.1f} us (build {t['braced']['build_us']:.1f}),"
                 f" ratio {t['braced']['call_us'] / t['unbraced']['call_us']:.3f}"
             )
+            if "braced exact" in t:
+                exact = t["braced exact"]["call_us"]
+                print(
+                    f"  braced, exact path (gathered W_V^eT per token, no cached A): "
+                    f"{exact:.1f} us, ratio {exact / t['unbraced']['call_us']:.3f}"
+                )
 
     print(
         f"\nrank {args.rank}, prompt {args.prompt_tokens}, decode {args.decode_tokens}, "

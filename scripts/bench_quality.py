@@ -1,52 +1,68 @@
-"""Quality benchmark: braces against LoRA, DoRA and an IA³-style scale, on real data.
+"""Quality benchmark: braces against LoRA, DoRA, IA³ and LoReFT on a real model.
 
-Every method fine-tunes the real stories260K checkpoint with the same loop
-(``mlx_lm.tuner.trainer.train``, plus the braces retraction after each update: a no-op
-for the others), the same data, data order, seeds, iterations, batch size, optimizer
-(Adam) and learning-rate grid, and the loss scores the answer tokens only. Per
-method the rate is picked on the validation split with the first seed, by the mean
-log-likelihood of the right answers (the validation loss: accuracy near chance cannot
-rank rates; a run whose loss went non-finite is never picked). Every seed is then
-trained at that rate and scored on the test split by the log-likelihood of the
-answer options (``mlx_braces.evaluate.multiple_choice``).
-"Matched budget" compares all methods at the braces' rank; "matched parameters"
-compares braces-r8 with lora-qv-r2 (about the same count) and ia3.
+Every method fine-tunes the same base (default SmolLM2-135M-Instruct, dequantized to
+float32 on a CPU) with the same loop: Adam at a constant rate, the same data order
+per seed, the same iterations and batch size, and a loss on the answer tokens only.
+The protocol, per task and method:
 
-Tasks:
-  sst2   train on the embedded SST-2 train subset ("Review: <text>\\nSentiment:" ->
-         " positive"/" negative"), pick on its 200 held-out train sentences, test on
-         the full SST-2 dev split (872).
-  boolq  LLM-Adapters BoolQ (Alpaca prompt -> "the correct answer is true|false"),
-         read from --assets: a shuffled train subset (--train-size, 1000), the
-         next train items to pick on (--valid-size, 200), the first --boolq-test
-         test items.
+1. a learning-rate grid (the method's own, ``--lrs`` to override), trained with the
+   first seed and scored on the validation split by the answer-restricted
+   log-likelihood (the cross-entropy of the right option among the options: smooth,
+   unlike the accuracy of 100 items). A pick at an edge of the grid extends the grid
+   one step past that edge (``--max-extend`` times), so the rate is never an edge
+   by construction unless the extension ran out (then the JSON says ``at_edge``);
+2. every seed (``--seeds``, default 3) trained at the picked rate and scored on the
+   test split; reported as mean ± std (ddof 1) with trainable parameters, training
+   tokens/s and peak memory.
 
-Methods (``--methods``): braces-rN (rank N on every FFN), lora-qv-rN / dora-qv-rN
-(mlx-lm LoRA/DoRA of rank N on q_proj and v_proj, the paper's peer), lora-all-rN
-(mlx-lm's default keys: every linear layer), ia3 (a learned per-channel scale of the
-down projection's input, initialised to 1).
+Tasks (``--tasks``):
+  sst2         the embedded SST-2 train subset ("Review: <text>\\nSentiment:" ->
+               " positive"/" negative"), validation on its held-out train sentences,
+               test on the full SST-2 dev split (872).
+  commonsense  LLM-Adapters' prompt format and answers ("the correct answer is
+               answer2"); one model trained on the union of the ``--cs-tasks``
+               train splits (the paper's protocol; default ARC-Easy, ARC-Challenge
+               and OpenBookQA, ``--full`` adds BoolQ), validated on held-out train
+               items, tested on each task's test split (the first ``--test-size``
+               items of each, a stated subset; all of them with --test-size 0).
 
-    python scripts/bench_quality.py                  # sst2
-    python scripts/bench_quality.py --tasks boolq    # slower: ~200-token prompts
-    python scripts/bench_quality.py --methods braces-r8 lora-qv-r8 --seeds 0 --lrs 1e-2
+Zero-shot transfer (``--transfer``, on by default): every seed's SST-2 model is also
+scored, untrained on them, on the commonsense test subsets, against the untrained
+base: how much of the base model's ability each method keeps.
 
-Prints one table and writes JSON (--output). Times are noisy on a shared machine;
-compare methods within one run.
+Methods (``--methods``; ``-rmatch`` resolves to the rank whose count is closest to
+braces' at ``--rank``):
+  braces-rN[:gate=G,glr=K]  braces of rank N on every FFN; gate logit init G (default
+                            ``mlx_braces``' default), the gate's learning rate K × the
+                            rate (LoRA+-style; default 1)
+  lora-qv-rN / dora-qv-rN   mlx-lm LoRA / DoRA on q_proj, v_proj (the paper's peer)
+  lora-all-rN               mlx-lm LoRA on every linear layer of every block
+  ia3                       IA³ (PEFT's Llama targets: k, v outputs, down input)
+  loreft-rN[:layers=S,pos=P] LoReFT on the residual stream after every S-th block
+                            (default 2: about braces' count) at prompt positions P
+                            (default f3+l3: the first and last 3 prompt tokens)
+
+    python scripts/bench_quality.py                       # default: SST-2, every method
+    python scripts/bench_quality.py --model gemma-3-270m
+    python scripts/bench_quality.py --full                # publication size, hours
+    python scripts/bench_quality.py --methods braces-r16 lora-qv-r16 --seeds 0
+    python scripts/bench_quality.py --report a.json b.json   # tables of earlier runs
+
+Prints a progress line per run with the estimated time left, then one table per task,
+and writes JSON (``--output``). Times are noisy on a shared machine: compare methods
+within one run (the tables give ratios to the paper's peer, lora-qv).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
-import os
 import random
 import re
 import sys
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx_braces  # noqa: F401  (first: it loads OpenBLAS before MLX binds a BLAS)
@@ -56,311 +72,747 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx_lm import load
-from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.trainer import TrainingArgs
-from mlx_lm.tuner.trainer import train as mlx_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_braces import peers
 from mlx_braces.braces import (
     apply_braces,
+    braced_layers,
     find_ffns,
+    linear_dims,
     orthonormality_error,
     orthonormalize,
     trainable_parameter_count,
 )
-from mlx_braces.evaluate import (
-    encode_pair,
-    make_prompt,
-    multiple_choice,
-    response_prefix,
-)
-from mlx_braces.models import EMBEDDED_DATA, EMBEDDED_MODEL
+from mlx_braces.evaluate import encode_pair, make_prompt, response_prefix
+from mlx_braces.loading import load
+from mlx_braces.models import EMBEDDED_DATA, QUICKSTART_MODEL
+from mlx_braces.quantize import fast_dtype
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "shared" / "assets"
-BOOLQ = Path("AGI-Edgerunners__LLM-Adapters") / "dataset" / "boolq"
-PEER = "lora-qv-r8"  # the paper's baseline: LoRA on q and v at the braces' rank
+LLM_ADAPTERS = Path("AGI-Edgerunners__LLM-Adapters") / "dataset"
+CS_TASKS = {  # name -> folder in LLM-Adapters' dataset/
+    "boolq": "boolq",
+    "arc-e": "ARC-Easy",
+    "arc-c": "ARC-Challenge",
+    "obqa": "openbookqa",
+}
+PEER = "lora-qv"  # the paper's baseline
 DEFAULT_METHODS = [
-    "braces-r8",
-    "lora-qv-r8",
-    "lora-all-r8",
-    "dora-qv-r8",
-    "lora-qv-r2",
+    "braces-r16",  # mlx_braces' defaults (gate -2)
+    "braces-r16:gate=-5",  # the paper's gate initialisation
+    "lora-qv-r16",
+    "lora-qv-rmatch",
+    "lora-all-r16",
+    "dora-qv-r16",
     "ia3",
+    "loreft-r16",
 ]
-_METHOD = re.compile(r"^(braces|lora-qv|dora-qv|lora-all)-r(\d+)$|^ia3$")
+LR_GRIDS = {  # each method's own grid; a pick at an edge extends it
+    "braces": [1e-3, 3e-3, 1e-2],
+    "lora-qv": [3e-5, 1e-4, 3e-4],
+    "dora-qv": [3e-5, 1e-4, 3e-4],
+    "lora-all": [1e-5, 3e-5, 1e-4],
+    "ia3": [1e-3, 3e-3, 1e-2],
+    "loreft": [1e-4, 3e-4, 1e-3],
+}
+_METHOD = re.compile(
+    r"^(?P<kind>braces|lora-qv|dora-qv|lora-all|loreft)-r(?P<rank>\d+|match)"
+    r"(?::(?P<opts>[a-z]+=[^,]+(?:,[a-z]+=[^,]+)*))?$|^(?P<ia3>ia3)$"
+)
+_OPTIONS = {"braces": {"gate", "glr"}, "loreft": {"layers", "pos"}}
+
+
+def _is_float(v: str, positive: bool = False) -> bool:
+    try:
+        x = float(v)
+    except ValueError:
+        return False
+    return math.isfinite(x) and (x > 0 or not positive)
+
+
+_OPTION_VALUE = {  # option -> (check, what is expected)
+    "gate": (_is_float, "a finite number (the gate logit)"),
+    "glr": (lambda v: _is_float(v, positive=True), "a positive number"),
+    "layers": (lambda v: v.isdigit() and int(v) > 0, "a positive integer"),
+    "pos": (
+        lambda v: re.fullmatch(r"f\d+(\+l\d+)?|l\d+", v) is not None,
+        "f<N>, l<N> or f<N>+l<N>",
+    ),
+}
+SETTINGS = {  # the default run, and --full's publication-size one
+    "default": dict(
+        iters=40,
+        batch_size=8,
+        train_size=800,
+        valid_size=100,
+        test_size=200,
+        transfer_size=200,
+        cs_tasks=["arc-e", "arc-c", "obqa"],
+    ),
+    "full": dict(
+        iters=1000,
+        batch_size=16,
+        train_size=0,  # every training row
+        valid_size=300,
+        test_size=0,  # every test item
+        transfer_size=0,
+        cs_tasks=["boolq", "arc-e", "arc-c", "obqa"],
+    ),
+}
+
+
+class BenchError(ValueError):
+    """Bad benchmark input (one line)."""
 
 
 # ---------------------------------------------------------------------------
 # Methods
 
 
-class ScaledInput(nn.Module):
-    """IA³-style: ``linear(x * scale)`` with a learned (d_ff,) scale, initialised to 1."""
+@dataclass
+class Method:
+    """One parsed ``--methods`` entry."""
 
-    def __init__(self, linear: nn.Module, dims: int):
-        super().__init__()
-        self.linear = linear
-        self.scale = mx.ones((dims,))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear(x * self.scale.astype(x.dtype))
+    name: str
+    kind: str
+    rank: int = 0
+    options: dict[str, str] = field(default_factory=dict)
 
 
-def apply_ia3(model: nn.Module) -> None:
-    """Scale the input of every FFN's down projection (d_ff parameters per layer)."""
-    model.freeze()
-    for _, _, ffn, down in find_ffns(model):
-        linear = getattr(ffn, down)
-        setattr(ffn, down, ScaledInput(linear, linear.weight.shape[1]))
-
-
-def apply_method(model: nn.Module, method: str, seed: int) -> None:
-    """Freeze ``model`` and add ``method``'s trainable parameters (drawn from ``seed``)."""
-    m = _METHOD.match(method)
+def parse_method(spec: str, braces_rank: int, model: nn.Module | None) -> Method:
+    """``braces-r16:gate=-2`` -> Method; ``-rmatch`` gets LoRA's count-matched rank
+    on ``model`` (None: only check the spelling, before loading anything)."""
+    m = _METHOD.match(spec)
     if m is None:
-        raise ValueError(f"unknown method {method!r}")
+        raise BenchError(
+            f"--methods: unknown method {spec!r} (expected e.g. braces-r16, "
+            "braces-r16:gate=-2,glr=10, lora-qv-r16, lora-qv-rmatch, dora-qv-r16, "
+            "lora-all-r16, ia3, loreft-r16:layers=2,pos=f3+l3)"
+        )
+    if m.group("ia3"):
+        return Method(spec, "ia3")
+    kind, opts = m.group("kind"), {}
+    for kv in (m.group("opts") or "").split(",") if m.group("opts") else []:
+        k, v = kv.split("=", 1)
+        if k not in _OPTIONS.get(kind, set()):
+            allowed = ", ".join(sorted(_OPTIONS.get(kind, ()))) or "none"
+            raise BenchError(f"--methods {spec!r}: unknown option {k!r} ({allowed})")
+        if not _OPTION_VALUE[k][0](v):
+            raise BenchError(
+                f"--methods {spec!r}: {k}={v!r}, expected {_OPTION_VALUE[k][1]}"
+            )
+        opts[k] = v
+    rank = m.group("rank")
+    if rank == "match":
+        if kind == "loreft" or kind == "braces":
+            raise BenchError(f"--methods {spec!r}: -rmatch is for the LoRA family")
+        rank = 0 if model is None else matched_rank(model, kind, braces_rank)
+    return Method(spec, kind, int(rank), opts)
+
+
+def lora_keys(kind: str) -> list[str] | None:
+    """mlx-lm LoRA keys: q and v, or None (mlx-lm's default: every linear layer)."""
+    return None if kind == "lora-all" else ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def lora_count(model: nn.Module, kind: str, rank: int) -> int:
+    """LoRA's parameter count, ``rank·(d_in + d_out)`` per adapted linear."""
+    total = 0
+    for block in model.layers:
+        for name, mod in block.named_modules():
+            keys = lora_keys(kind)
+            if (keys is None and isinstance(mod, (nn.Linear, nn.QuantizedLinear))) or (
+                keys is not None and name in keys
+            ):
+                d_out, d_in = linear_dims(mod)[::-1]
+                total += rank * (d_in + d_out) + (d_out if kind == "dora-qv" else 0)
+    return total
+
+
+def braces_count(model: nn.Module, rank: int) -> int:
+    """Braces' parameter count, ``rank·d + 1`` per FFN."""
+    return sum(
+        rank * linear_dims(getattr(ffn, down))[1] + 1
+        for _, _, ffn, down in find_ffns(model)
+    )
+
+
+def matched_rank(model: nn.Module, kind: str, braces_rank: int) -> int:
+    """The LoRA rank whose parameter count is closest to braces' at ``braces_rank``."""
+    target = braces_count(model, braces_rank)
+    return min(
+        range(1, 4 * braces_rank + 1),
+        key=lambda r: abs(lora_count(model, kind, r) - target),
+    )
+
+
+def loreft_layers(model: nn.Module, method: Method) -> list[int]:
+    """Every ``layers``-th block (default 2), counted so that the last block is one."""
+    every = int(method.options.get("layers", 2))
+    n = len(model.layers)
+    return sorted(range(n - 1, -1, -every))
+
+
+def loreft_positions(method: Method) -> tuple[int, int]:
+    """(first, last) prompt positions from ``pos=f3+l3`` (default) or ``pos=l4``."""
+    spec = method.options.get("pos", "f3+l3")
+    first = last = 0
+    for part in spec.split("+"):
+        if not re.fullmatch(r"[fl]\d+", part):
+            raise BenchError(
+                f"--methods {method.name!r}: pos={spec!r} (e.g. f3+l3, l4)"
+            )
+        if part[0] == "f":
+            first = int(part[1:])
+        else:
+            last = int(part[1:])
+    return first, last
+
+
+def apply_method(model: nn.Module, method: Method, seed: int) -> None:
+    """Freeze ``model`` and add ``method``'s trainable parameters (drawn from ``seed``)."""
     mx.random.seed(seed)
-    kind, rank = m.group(1), int(m.group(2) or 0)
-    if method == "ia3":
-        apply_ia3(model)
-    elif kind == "braces":
-        apply_braces(model, rank=rank, seed=seed)
+    if method.kind == "ia3":
+        peers.apply_ia3(model)
+    elif method.kind == "braces":
+        gate = method.options.get("gate")
+        kw = {} if gate is None else {"gate_init": float(gate)}
+        apply_braces(model, rank=method.rank, seed=seed, **kw)
+    elif method.kind == "loreft":
+        peers.apply_loreft(
+            model, method.rank, layers=loreft_layers(model, method), seed=seed
+        )
     else:
         model.freeze()
-        keys = None if kind == "lora-all" else ["self_attn.q_proj", "self_attn.v_proj"]
-        config = {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": keys}
+        config = {
+            "rank": method.rank,
+            "scale": 20.0,  # mlx_lm.lora's default lora_parameters
+            "dropout": 0.0,
+            "keys": lora_keys(method.kind),
+        }
         linear_to_lora_layers(
-            model, len(model.layers), config, use_dora=kind == "dora-qv"
+            model, len(model.layers), config, use_dora=method.kind == "dora-qv"
         )
 
 
-def answer_loss(model, batch, lengths):
-    """mlx-lm's ``default_loss`` without the padding target after each sequence.
-
-    mlx-lm 0.32's mask (``steps <= length``) also scores the pad id after the last
-    token (ml-explore/mlx-lm PR #1697); with one-word answers that pad target
-    (about 24 nats on stories260K) would dominate the loss.
-    """
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs)
-    steps = mx.arange(1, targets.shape[1] + 1)
-    mask = (steps >= lengths[:, 0:1]) & (steps < lengths[:, 1:])
-    ce = nn.losses.cross_entropy(logits, targets) * mask
-    ntoks = mask.sum()
-    return ce.astype(mx.float32).sum() / ntoks, ntoks
+def make_optimizer(model: nn.Module, method: Method, lr: float) -> optim.Optimizer:
+    """Adam at ``lr``; braces' gates at ``glr``·lr when asked (LoRA+-style)."""
+    glr = float(method.options.get("glr", 1))
+    if method.kind != "braces" or glr == 1:
+        return optim.Adam(learning_rate=lr)
+    return optim.MultiOptimizer(
+        [optim.Adam(learning_rate=lr * glr), optim.Adam(learning_rate=lr)],
+        [lambda path, _: path.endswith("gate")],
+    )
 
 
-class AfterStep(TrainingCallback):
-    """Retracts braces' R after every update (mlx-lm reports every step here)."""
+def after_update(model: nn.Module) -> None:
+    """Retract braces' and LoReFT's R onto orthonormal rows (no-ops without them)."""
+    orthonormalize(model)
+    peers.retract(model)
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.losses = []
 
-    def on_train_loss_report(self, train_info: dict):
-        orthonormalize(self.model)  # a no-op without braces
-        self.losses.append(train_info["train_loss"])
+def gate_values(model: nn.Module) -> list[float]:
+    """Every braced layer's gate g = sigmoid(ĝ) (empty for other methods)."""
+    return [float(b.g) for _, b in braced_layers(model)]
 
 
 # ---------------------------------------------------------------------------
-# Data: training pairs and multiple-choice splits
+# Data
 
 
-def _mc(contexts: list[str], golds: list[int], options: list[str]) -> dict:
-    """A multiple-choice split: every context has the same answer options."""
-    return {"contexts": contexts, "choices": [options] * len(contexts), "golds": golds}
+@dataclass
+class Split:
+    """Multiple-choice items: (context ids, [option continuation ids]), gold, prompt len."""
+
+    items: list[tuple[list[int], list[list[int]]]]
+    golds: list[int]
+    prompt_lengths: list[int]
 
 
-def _pairs(tokenizer, contexts, targets) -> list[tuple[list[int], int]]:
-    """(tokens, prompt length) per example: mlx-lm's loss then scores the target only."""
+def _read_json(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise BenchError(
+            f"{path}: not found (set --assets to the shared assets folder)"
+        )
+    with open(path) as f:
+        return (
+            json.load(f)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in f if line.strip()]
+        )
+
+
+def _split(tokenizer, rows: list[tuple[str, str, list[str], int]]) -> Split:
+    """Rows of (prompt, answer prefix, options, gold) -> token ids."""
+    items, golds, plens = [], [], []
+    for prompt, prefix, options, gold in rows:
+        conts, ctx = [], None
+        for o in options:
+            c, cont = encode_pair(tokenizer, prompt, prefix + o)
+            ctx = c
+            conts.append(cont)
+        items.append((ctx, conts))
+        golds.append(gold)
+        plens.append(len(ctx))
+    return Split(items, golds, plens)
+
+
+def _train_pairs(tokenizer, rows: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(prompt + answer ids, prompt length) per (prompt, answer) row."""
     out = []
-    for c, t in zip(contexts, targets):
-        ctx, cont = encode_pair(tokenizer, c, t)
+    for prompt, answer in rows:
+        ctx, cont = encode_pair(tokenizer, prompt, answer)
         out.append((ctx + cont, len(ctx)))
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def sst2(tokenizer, args) -> dict:
-    """Embedded SST-2: train subset, held-out train sentences, the full dev split."""
+def sst2(tokenizer, s: dict) -> dict:
+    """Embedded SST-2: the train subset, held-out train sentences, full dev split."""
     labels = [" negative", " positive"]
 
-    def split(name, n=None):
-        rows = _read_jsonl(EMBEDDED_DATA / f"{name}.jsonl")[:n]
-        return [f"Review: {r['text']}\nSentiment:" for r in rows], [
-            r["label"] for r in rows
-        ]
+    def rows(name: str, n: int) -> list[dict]:
+        rs = _read_json(EMBEDDED_DATA / f"{name}.jsonl")
+        return rs[:n] if n else rs
 
-    ctx, y = split("train", args.train_size)
+    def prompt(r: dict) -> str:
+        return f"Review: {r['text']}\nSentiment:"
+
+    train = rows("train", s["train_size"])
     return {
-        "train": _pairs(tokenizer, ctx, [labels[i] for i in y]),
-        "valid": _mc(*split("valid", args.valid_size), labels),
-        "test": _mc(*split("test"), labels),
-    }
-
-
-def boolq(tokenizer, args) -> dict:
-    """LLM-Adapters BoolQ: a shuffled train subset, the next items to pick on, a test prefix."""
-    folder = Path(args.assets) / BOOLQ
-    for f in ("train.json", "test.json"):
-        if not (folder / f).is_file():
-            sys.exit(f"Error: {folder / f} not found (set --assets)")
-    with open(folder / "train.json") as f:
-        train = json.load(f)
-    with open(folder / "test.json") as f:
-        test = json.load(f)
-    random.Random(0).shuffle(train)
-    n = args.train_size or 1000
-    options = ["true", "false"]
-
-    def mc(items):
-        return _mc(
-            [make_prompt(it) + response_prefix(it) for it in items],
-            [options.index(it["answer"]) for it in items],
-            options,
-        )
-
-    return {
-        "train": _pairs(
-            tokenizer,
-            [make_prompt(it) for it in train[:n]],
-            [it["output"] for it in train[:n]],
+        "train": _train_pairs(
+            tokenizer, [(prompt(r), labels[r["label"]]) for r in train]
         ),
-        "valid": mc(train[n : n + (args.valid_size or 200)]),
-        "test": mc(test[: args.boolq_test]),
+        "valid": _split(
+            tokenizer,
+            [
+                (prompt(r), "", labels, r["label"])
+                for r in rows("valid", s["valid_size"])
+            ],
+        ),
+        "test": {
+            "sst2": _split(
+                tokenizer,
+                [
+                    (prompt(r), "", labels, r["label"])
+                    for r in rows("test", s["sst2_test_size"])
+                ],
+            )
+        },
     }
 
 
-TASKS = {"sst2": sst2, "boolq": boolq}
+def _cs_rows(items: list[dict]) -> list[tuple[str, str, list[str], int]]:
+    """LLM-Adapters items -> (prompt, "the correct answer is ", options, gold)."""
+    out = []
+    for it in items:
+        fmt = re.search(r"Answer format:\s*(\S+)", it["instruction"])
+        options = fmt.group(1).split("/") if fmt else ["true", "false"]
+        out.append(
+            (make_prompt(it), response_prefix(it), options, options.index(it["answer"]))
+        )
+    return out
+
+
+def commonsense(tokenizer, s: dict, assets: Path) -> dict:
+    """LLM-Adapters tasks: one mixed training set, held-out validation, each test set."""
+    train, valid, test = [], [], {}
+    n_train, n_valid, n_test = s["train_size"], s["valid_size"], s["test_size"]
+    per_task = len(s["cs_tasks"])
+    for name in s["cs_tasks"]:
+        folder = assets / LLM_ADAPTERS / CS_TASKS[name]
+        rows = _read_json(folder / "train.json")
+        random.Random(0).shuffle(rows)
+        k = n_train // per_task if n_train else len(rows) - n_valid // per_task
+        train += rows[:k]
+        valid += rows[k : k + n_valid // per_task]
+        items = _read_json(folder / "test.json")
+        test[name] = _split(tokenizer, _cs_rows(items[:n_test] if n_test else items))
+    random.Random(1).shuffle(train)
+    return {
+        "train": _train_pairs(
+            tokenizer, [(make_prompt(it), it["output"]) for it in train]
+        ),
+        "valid": _split(tokenizer, _cs_rows(valid)),
+        "test": test,
+    }
 
 
 # ---------------------------------------------------------------------------
-# One run
+# Forward passes that compute logits only where they are needed
 
 
-def accuracy(model, tokenizer, split: dict, batch_size: int) -> tuple[float, float]:
-    """Accuracy and the mean log-likelihood of the right answers."""
-    model.eval()
-    r = multiple_choice(
-        model,
-        tokenizer,
-        split["contexts"],
-        split["choices"],
-        split["golds"],
-        batch_size,
-    )
-    gold = [ll[g] for ll, g in zip(r["loglikelihoods"], split["golds"])]
-    return r["acc"], float(np.mean(gold))
+def body_and_head(model: nn.Module):
+    """(hidden states of inputs, hidden -> logits) for mlx-lm's decoder models."""
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "embed_tokens"):
+        return None
+    if "lm_head" in model:
+        return inner, model.lm_head
+    return inner, inner.embed_tokens.as_linear
 
 
-def train_run(method: str, data: dict, lr: float, seed: int, args) -> tuple:
-    """Fine-tune a fresh model with ``method``; returns (model, stats)."""
-    model, _ = load(str(args.model))
+def logits_at(model: nn.Module, inputs: mx.array, positions: mx.array) -> mx.array:
+    """Logits at ``positions`` (B, K) of ``inputs`` (B, T): (B, K, V), in float32."""
+    parts = body_and_head(model)
+    if parts is None:  # unknown layout: the whole logits, then the positions
+        logits = model(inputs)
+        return mx.take_along_axis(logits, positions[..., None], axis=1).astype(
+            mx.float32
+        )
+    body, head = parts
+    h = body(inputs)  # (B, T, d)
+    picked = mx.take_along_axis(h, positions[..., None], axis=1)  # (B, K, d)
+    return head(picked).astype(mx.float32)
+
+
+def set_positions(model: nn.Module, method: Method, plens: list[int], T: int) -> None:
+    """LoReFT's intervention positions for a right-padded batch (no-op for others)."""
+    if method.kind == "loreft":
+        first, last = loreft_positions(method)
+        peers.set_positions(
+            model, peers.positions_mask(plens, T, first=first, last=last)
+        )
+
+
+# ---------------------------------------------------------------------------
+# Training and scoring
+
+
+def batches(data: list[tuple[list[int], int]], batch_size: int, iters: int, seed: int):
+    """``iters`` batches in a seeded order (the same for every method): epochs of
+    shuffled rows, each batch right-padded. Yields (inputs, positions, targets,
+    mask, prompt lengths, tokens)."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    for _ in range(iters):
+        while len(order) < batch_size:
+            order += list(rng.permutation(len(data)))
+        idx, order = order[:batch_size], order[batch_size:]
+        rows = [data[i] for i in idx]
+        T = max(len(t) for t, _ in rows) - 1
+        K = max(len(t) - p for t, p in rows)  # answer tokens
+        inputs = np.zeros((len(rows), T), np.int32)
+        pos = np.zeros((len(rows), K), np.int32)
+        tgt = np.zeros((len(rows), K), np.int32)
+        mask = np.zeros((len(rows), K), np.float32)
+        for j, (toks, p) in enumerate(rows):
+            n = len(toks) - p
+            inputs[j, : len(toks) - 1] = toks[:-1]
+            pos[j, :n] = np.arange(p - 1, len(toks) - 1)
+            tgt[j, :n] = toks[p:]
+            mask[j, :n] = 1
+        yield (
+            mx.array(inputs),
+            mx.array(pos),
+            mx.array(tgt),
+            mx.array(mask),
+            [p for _, p in rows],
+            sum(len(t) for t, _ in rows),
+        )
+
+
+def answer_loss(model, inputs, positions, targets, mask):
+    """Mean cross-entropy of the answer tokens (the prompt is context only)."""
+    logits = logits_at(model, inputs, positions)  # (B, K, V)
+    ce = nn.losses.cross_entropy(logits, targets) * mask
+    return ce.sum() / mask.sum()
+
+
+def train_run(method: Method, data: dict, lr: float, seed: int, args) -> tuple:
+    """Fine-tune a fresh base with ``method``; returns (model, stats)."""
+    model, _ = load(args.model, dequantize=args.dequantize)
     apply_method(model, method, seed)
+    model.train()
     params = trainable_parameter_count(model)
-    np.random.seed(seed)  # mlx-lm's batch order
-    mx.random.seed(seed)
-    targs = TrainingArgs(
-        batch_size=args.batch_size,
-        iters=args.iters,
-        steps_per_report=1,  # the callback (retraction) runs after every update
-        steps_per_eval=args.iters + 1,
-        steps_per_save=args.iters + 1,
-        max_seq_length=args.max_seq_length,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        targs.adapter_file = os.path.join(tmp, "adapters.safetensors")
-        callback = AfterStep(model)
-        mx.reset_peak_memory()
-        tic = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            mlx_train(
-                model,
-                optim.Adam(learning_rate=lr),
-                data["train"],
-                None,
-                targs,
-                loss=answer_loss,
-                training_callback=callback,
-            )
-        mx.eval(model.parameters())
-        seconds = time.perf_counter() - tic
+    opt = make_optimizer(model, method, lr)
+    step = nn.value_and_grad(model, answer_loss)
+    losses, tokens = [], 0
+    mx.synchronize()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for inputs, pos, tgt, mask, plens, ntok in batches(
+        data["train"], args.batch_size, args.iters, seed
+    ):
+        set_positions(model, method, plens, inputs.shape[1])
+        loss, grads = step(model, inputs, pos, tgt, mask)
+        opt.update(model, grads)
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+        after_update(model)
+        losses.append(loss.item())
+        tokens += ntok
+    mx.eval(model.parameters())
+    seconds = time.perf_counter() - tic
+    model.eval()
     stats = {
         "trainable_parameters": params,
         "train_seconds": seconds,
+        "train_tokens_per_second": tokens / seconds,
         "peak_memory_mb": mx.get_peak_memory() / 2**20,
-        "final_train_loss": float(np.mean(callback.losses[-10:])),
-        "orthonormality_error": orthonormality_error(model),
+        "final_train_loss": float(np.mean(losses[-10:])),
+        "orthonormality_error": max(
+            orthonormality_error(model), peers.loreft_orthonormality_error(model)
+        ),
     }
+    if method.kind == "braces":
+        stats["gates"] = gate_values(model)
     return model, stats
 
 
-def run_task(task: str, args) -> dict:
-    """Learning-rate pick, then every seed, for every method, on one task."""
-    base, tokenizer = load(str(args.model))
-    data = TASKS[task](tokenizer, args)
-    golds = np.array(data["test"]["golds"])
+def option_logprobs(
+    model: nn.Module, method: Method, split: Split, batch_size: int
+) -> list[np.ndarray]:
+    """Each item's options' summed log-probabilities, in item order, up to a constant
+    per item (the log-probability of the tokens every option shares, which neither
+    the pick nor the option-normalised likelihood depends on).
+
+    Items whose options share every token but a last one (SST-2 and LLM-Adapters'
+    answers on BPE vocabularies) take one forward pass of the shared part; others
+    score every (context, option) sequence.
+    """
+    rows = []  # (item, option or None, sequence, positions, targets)
+    for i, (ctx, conts) in enumerate(split.items):
+        common = conts[0][:-1]
+        if all(c[:-1] == common for c in conts):
+            rows.append((i, None, ctx + common, [len(ctx) + len(common) - 1], None))
+            continue
+        for o, c in enumerate(conts):
+            q = ctx + c
+            rows.append((i, o, q[:-1], list(range(len(ctx) - 1, len(q) - 1)), c))
+    out = [np.zeros(len(conts)) for _, conts in split.items]
+    rows.sort(key=lambda r: -len(r[2]))
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        T = max(len(r[2]) for r in chunk)
+        K = max(len(r[3]) for r in chunk)
+        inputs = np.zeros((len(chunk), T), np.int32)
+        pos = np.zeros((len(chunk), K), np.int32)
+        for j, r in enumerate(chunk):
+            inputs[j, : len(r[2])] = r[2]
+            pos[j, : len(r[3])] = r[3]
+        set_positions(model, method, [split.prompt_lengths[r[0]] for r in chunk], T)
+        logits = logits_at(model, mx.array(inputs), mx.array(pos))  # (B, K, V)
+        logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        for j, (i, o, _, p, c) in enumerate(chunk):
+            if o is None:  # every option's last token at the one position
+                out[i] = logp[j, 0, [cont[-1] for cont in split.items[i][1]]]
+            else:
+                out[i][o] = float(logp[j, np.arange(len(p)), c].sum())
+    return out
+
+
+def score(model: nn.Module, method: Method, split: Split, batch_size: int) -> dict:
+    """Accuracy and the answer-restricted log-likelihood of the right options."""
+    lps = option_logprobs(model, method, split, batch_size)
+    correct = sum(int(np.argmax(lp) == g) for lp, g in zip(lps, split.golds))
+    ll = [float(lp[g] - np.logaddexp.reduce(lp)) for lp, g in zip(lps, split.golds)]
+    n = len(split.golds)
+    return {"acc": correct / n, "option_ll": float(np.mean(ll)), "n": n}
+
+
+# ---------------------------------------------------------------------------
+# The protocol
+
+
+class Clock:
+    """Estimated time left from the seconds per run seen so far, per task."""
+
+    def __init__(self, planned: dict[str, int]):
+        self.planned = dict(planned)  # task -> runs not yet done
+        self.seconds: dict[str, list[float]] = {t: [] for t in planned}
+        self.start = time.perf_counter()
+
+    def done(self, task: str, seconds: float) -> str:
+        self.planned[task] = max(self.planned[task] - 1, 0)
+        self.seconds[task].append(seconds)
+        seen = [s for v in self.seconds.values() for s in v]
+        left = sum(
+            n * float(np.mean(self.seconds[t] or seen)) for t, n in self.planned.items()
+        )
+        return (
+            f"elapsed {_clock(time.perf_counter() - self.start)}, ~{_clock(left)} left"
+        )
+
+    def extend(self, task: str, runs: int = 1) -> None:
+        self.planned[task] += runs
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def grid_for(method: Method, args) -> list[float]:
+    """The method's own learning-rate grid (``--lrs`` overrides every method's)."""
+    return sorted(args.lrs or LR_GRIDS[method.kind])
+
+
+def run_method(task: str, method: Method, data: dict, args, clock: Clock, out: dict):
+    """Learning-rate pick on validation, then every seed on the test splits."""
+    lrs = grid_for(method, args)
+    valid, models = {}, {}
+    ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 3.0
+    extensions, todo = 0, list(lrs)
+    while todo:
+        lr = todo.pop(0)
+        tic = time.perf_counter()
+        model, stats = train_run(method, data, lr, args.seeds[0], args)
+        v = score(model, method, data["valid"], args.eval_batch_size)
+        if not math.isfinite(stats["final_train_loss"]):
+            v["option_ll"] = -math.inf  # diverged: never picked
+        valid[lr], models[lr] = v, (model, stats)
+        msg = clock.done(task, time.perf_counter() - tic)
+        print(
+            f"[{task}] {method.name:<26} lr {lr:<8.1e} valid acc {v['acc']:.3f} "
+            f"ll {v['option_ll']:.3f}  | {msg}",
+            flush=True,
+        )
+        if not todo:
+            grid = sorted(valid)
+            best = max(grid, key=lambda r: valid[r]["option_ll"])
+            edge = best in (grid[0], grid[-1]) and len(grid) > 1
+            if edge and extensions < args.max_extend:
+                extensions += 1
+                todo.append(best / ratio if best == grid[0] else best * ratio)
+                clock.extend(task)
+            # keep only the best model (memory)
+            for r in list(models):
+                if r != best:
+                    models.pop(r)
+    grid = sorted(valid)
+    lr = max(grid, key=lambda r: valid[r]["option_ll"])
+    at_edge = len(grid) > 1 and lr in (grid[0], grid[-1])
+    runs = []
+    for seed in args.seeds:
+        tic = time.perf_counter()
+        if seed == args.seeds[0]:
+            model, stats = models.pop(lr)
+        else:
+            model, stats = train_run(method, data, lr, seed, args)
+        tests = {
+            name: score(model, method, split, args.eval_batch_size)
+            for name, split in data["test"].items()
+        }
+        transfer = {}
+        if data.get("transfer"):
+            transfer = {
+                name: score(model, method, split, args.eval_batch_size)["acc"]
+                for name, split in data["transfer"].items()
+            }
+        accs = {k: v["acc"] for k, v in tests.items()}
+        runs.append({"seed": seed, "test_acc": accs, "transfer_acc": transfer, **stats})
+        del model
+        msg = clock.done(task, time.perf_counter() - tic)
+        shown = " ".join(f"{k} {v:.3f}" for k, v in accs.items())
+        print(
+            f"[{task}] {method.name:<26} lr {lr:<8.1e} seed {seed} test {shown} "
+            f"({stats['train_seconds']:.0f}s, {stats['train_tokens_per_second']:.0f} "
+            f"tok/s)  | {msg}",
+            flush=True,
+        )
+    out["methods"][method.name] = summarize(method, lr, at_edge, valid, runs)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), (
+        float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    )
+
+
+def summarize(method, lr, at_edge, valid, runs) -> dict:
+    """Per-method results: mean ± std per test set (and their average), costs."""
+    names = list(runs[0]["test_acc"])
+    acc = {k: _mean_std([r["test_acc"][k] for r in runs]) for k in names}
+    if len(names) > 1:
+        acc["average"] = _mean_std(
+            [np.mean(list(r["test_acc"].values())) for r in runs]
+        )
+    out = {
+        "kind": method.kind,
+        "rank": method.rank,
+        "options": method.options,
+        "lr": lr,
+        "at_edge": at_edge,
+        "valid_by_lr": {f"{r:g}": v for r, v in sorted(valid.items())},
+        "test_acc": {k: {"mean": m, "std": s} for k, (m, s) in acc.items()},
+        "trainable_parameters": runs[0]["trainable_parameters"],
+        "train_tokens_per_second": float(
+            np.mean([r["train_tokens_per_second"] for r in runs])
+        ),
+        "peak_memory_mb": float(max(r["peak_memory_mb"] for r in runs)),
+        "runs": runs,
+    }
+    if runs[0]["transfer_acc"]:
+        tnames = list(runs[0]["transfer_acc"])
+        t = {k: _mean_std([r["transfer_acc"][k] for r in runs]) for k in tnames}
+        t["average"] = _mean_std(
+            [np.mean(list(r["transfer_acc"].values())) for r in runs]
+        )
+        out["transfer_acc"] = {k: {"mean": m, "std": s} for k, (m, s) in t.items()}
+    return out
+
+
+def write_json(results: dict, path: str) -> None:
+    """Write the results so far (after every method: an interrupted run keeps them)."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def run_task(
+    task: str, args, clock: Clock, methods: list[Method], results: dict
+) -> dict:
+    """Data, the untrained base's scores, then every method."""
+    base, tokenizer = load(args.model, dequantize=args.dequantize)
+    s = {
+        "train_size": args.train_size,
+        "valid_size": args.valid_size,
+        "test_size": args.test_size,
+        "cs_tasks": args.cs_tasks,
+        "sst2_test_size": args.sst2_test_size,
+    }
+    assets = Path(args.assets)
+    data = sst2(tokenizer, s) if task == "sst2" else commonsense(tokenizer, s, assets)
+    if args.transfer:  # the other family's test sets, untrained on them
+        ts = {**s, "train_size": 1, "test_size": args.transfer_size}
+        if task == "sst2":
+            data["transfer"] = commonsense(tokenizer, ts, assets)["test"]
+        else:
+            ts["sst2_test_size"] = args.transfer_size
+            data["transfer"] = sst2(tokenizer, ts)["test"]
+    none = Method("base", "base")
     out = {
         "n_train": len(data["train"]),
-        "n_valid": len(data["valid"]["golds"]),
-        "n_test": len(golds),
-        "majority_acc": float(max(golds.mean(), 1 - golds.mean())),
-        "base_acc": accuracy(base, tokenizer, data["test"], args.eval_batch_size)[0],
+        "n_valid": len(data["valid"].golds),
+        "n_test": {k: len(v.golds) for k, v in data["test"].items()},
+        "base_acc": {
+            k: score(base, none, v, args.eval_batch_size)["acc"]
+            for k, v in data["test"].items()
+        },
+        "majority_acc": {
+            k: float(np.bincount(v.golds).max() / len(v.golds))
+            for k, v in data["test"].items()
+        },
         "methods": {},
     }
+    results["tasks"][task] = out
+    if data.get("transfer"):
+        out["base_transfer_acc"] = {
+            k: score(base, none, v, args.eval_batch_size)["acc"]
+            for k, v in data["transfer"].items()
+        }
+        out["n_transfer"] = {k: len(v.golds) for k, v in data["transfer"].items()}
+    del base
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in out["base_acc"].items())
     print(
-        f"[{task}] train {out['n_train']}, valid {out['n_valid']}, test {out['n_test']}; "
-        f"untrained {out['base_acc']:.4f}, majority {out['majority_acc']:.4f}",
+        f"[{task}] train {out['n_train']}, valid {out['n_valid']}, test "
+        f"{out['n_test']}; untrained: {shown}",
         flush=True,
     )
-    for method in args.methods:
-        grid = {}
-        for lr in args.lrs:
-            model, stats = train_run(method, data, lr, args.seeds[0], args)
-            acc, gold_ll = accuracy(
-                model, tokenizer, data["valid"], args.eval_batch_size
-            )
-            if not math.isfinite(stats["final_train_loss"]):
-                gold_ll = -math.inf  # diverged: never picked
-            grid[lr] = ((gold_ll, acc), model, stats)
-            print(
-                f"  {method:<12} lr {lr:<7g} valid {acc:.4f} (gold ll {gold_ll:.3f})",
-                flush=True,
-            )
-        lr = max(args.lrs, key=lambda r: grid[r][0])  # lowest validation loss
-        runs = []
-        for seed in args.seeds:
-            if seed == args.seeds[0]:
-                _, model, stats = grid[lr]
-            else:
-                model, stats = train_run(method, data, lr, seed, args)
-            acc, _ = accuracy(model, tokenizer, data["test"], args.eval_batch_size)
-            runs.append({"seed": seed, "test_acc": acc, **stats})
-            print(
-                f"  {method:<12} lr {lr:<7g} seed {seed} test {acc:.4f} "
-                f"({stats['train_seconds']:.1f}s)",
-                flush=True,
-            )
-        valid = {
-            str(r): {"gold_ll": grid[r][0][0], "acc": grid[r][0][1]} for r in args.lrs
-        }
-        grid.clear()
-        accs = [r["test_acc"] for r in runs]
-        out["methods"][method] = {
-            "lr": lr,
-            "valid_by_lr": valid,
-            "test_acc_mean": float(np.mean(accs)),
-            "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
-            "trainable_parameters": runs[0]["trainable_parameters"],
-            "train_seconds_mean": float(np.mean([r["train_seconds"] for r in runs])),
-            "peak_memory_mb_max": float(max(r["peak_memory_mb"] for r in runs)),
-            "runs": runs,
-        }
+    for method in methods:
+        run_method(task, method, data, args, clock, out)
+        write_json(results, args.output)
     return out
 
 
@@ -368,70 +820,205 @@ def run_task(task: str, args) -> dict:
 # Report
 
 
+def _pm(d: dict) -> str:
+    return f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
+
+
 def table(task: str, r: dict) -> str:
-    """One markdown table: accuracy mean ± std, parameters, time, memory, vs the peer."""
-    peer = r["methods"].get(PEER)
-    head = (
-        f"| {task} method | lr | test acc (mean ± std) | trainable params |"
-        " train s | peak MB |"
-    )
-    rows = [head, "|" + "---|" * 6]
-    if peer:
-        rows[0] += f" params / {PEER} | time / {PEER} | acc − {PEER} |"
-        rows[1] += "---|---|---|"
+    """Markdown: accuracy mean ± std per test set, params, speed, memory, vs the peer."""
+    names = list(next(iter(r["methods"].values()))["test_acc"]) if r["methods"] else []
+    peers = [m for m in r["methods"].values() if m["kind"] == PEER]
+    peer = max(peers, key=lambda m: m["rank"]) if peers else None  # not -rmatch
+    head = ["method", "lr", *names, "params", "params / lora-qv", "tok/s", "peak MB"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in r["methods"].items():
-        row = (
-            f"| {name} | {m['lr']:g} | {100 * m['test_acc_mean']:.2f} ± "
-            f"{100 * m['test_acc_std']:.2f} | {m['trainable_parameters']:,} | "
-            f"{m['train_seconds_mean']:.1f} | {m['peak_memory_mb_max']:.1f} |"
+        ratio = (
+            f"{m['trainable_parameters'] / peer['trainable_parameters']:.2f}"
+            if peer
+            else "–"
         )
-        if peer:
-            ratio = m["trainable_parameters"] / peer["trainable_parameters"]
-            time_ratio = m["train_seconds_mean"] / peer["train_seconds_mean"]
-            diff = 100 * (m["test_acc_mean"] - peer["test_acc_mean"])
-            row += f" {ratio:.2f} | {time_ratio:.2f} | {diff:+.2f} |"
-        rows.append(row)
-    rows.append(
-        f"\nuntrained model {100 * r['base_acc']:.2f}, majority class "
-        f"{100 * r['majority_acc']:.2f} (test n={r['n_test']}, train n={r['n_train']})"
-    )
+        edge = " (edge)" if m["at_edge"] else ""
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    f"{m['lr']:.0e}{edge}",
+                    *(_pm(m["test_acc"][k]) for k in names),
+                    f"{m['trainable_parameters']:,}",
+                    ratio,
+                    f"{m['train_tokens_per_second']:.0f}",
+                    f"{m['peak_memory_mb']:.0f}",
+                ]
+            )
+            + " |"
+        )
+    base = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["base_acc"].items())
+    major = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["majority_acc"].items())
+    rows.append(f"\nuntrained: {base}; majority class: {major}; n_test {r['n_test']}")
+    if "base_transfer_acc" in r:
+        tn = list(r["base_transfer_acc"])
+        rows.append(
+            f"\nzero-shot transfer after {task} training (n {r['n_transfer']}):\n"
+        )
+        rows.append("| method | " + " | ".join([*tn, "average"]) + " |")
+        rows.append("|" + "---|" * (len(tn) + 2))
+        b = r["base_transfer_acc"]
+        rows.append(
+            "| untrained | "
+            + " | ".join(f"{100 * b[k]:.2f}" for k in tn)
+            + f" | {100 * np.mean(list(b.values())):.2f} |"
+        )
+        for name, m in r["methods"].items():
+            t = m["transfer_acc"]
+            rows.append(
+                f"| {name} | " + " | ".join(_pm(t[k]) for k in [*tn, "average"]) + " |"
+            )
     return "\n".join(rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["sst2"], choices=list(TASKS))
+    p.add_argument("--model", default=QUICKSTART_MODEL, help="Name, folder or Hub id.")
+    p.add_argument(
+        "--dequantize",
+        default="auto",
+        help="Dtype to dequantize a quantized base to ('none' keeps it; default: "
+        "float32 where quantized kernels are slow, i.e. a CPU).",
+    )
+    p.add_argument(
+        "--tasks", nargs="+", default=["sst2"], choices=["sst2", "commonsense"]
+    )
+    p.add_argument("--cs-tasks", nargs="+", choices=list(CS_TASKS))
+    p.add_argument("--no-transfer", dest="transfer", action="store_false")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--rank", type=int, default=16, help="Braces' rank for -rmatch.")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 1e-2, 1e-1])
-    p.add_argument("--iters", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--max-seq-length", type=int, default=512)
-    p.add_argument("--train-size", type=int, help="First N training examples")
-    p.add_argument("--valid-size", type=int, help="Validation items (default 200)")
-    p.add_argument("--boolq-test", type=int, default=500, help="BoolQ test items")
-    p.add_argument("--model", default=str(EMBEDDED_MODEL))
-    p.add_argument("--assets", default=str(ASSETS), help="Shared assets folder")
+    p.add_argument("--lrs", nargs="+", type=float, help="One grid for every method.")
+    p.add_argument(
+        "--max-extend", type=int, default=2, help="Grid extensions at edges."
+    )
+    p.add_argument("--full", action="store_true", help="Publication-size settings.")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, help="Training rows (0: all).")
+    p.add_argument("--valid-size", type=int, help="Validation items.")
+    p.add_argument(
+        "--test-size", type=int, help="Commonsense test items per task (0: all)."
+    )
+    p.add_argument(
+        "--transfer-size", type=int, help="Transfer test items per task (0: all)."
+    )
+    p.add_argument(
+        "--sst2-test-size", type=int, default=0, help="SST-2 dev items (0: all 872)."
+    )
+    p.add_argument("--assets", default=str(ASSETS), help="The shared assets folder.")
     p.add_argument("--output", default="bench_quality.json")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="Print the tables of earlier runs' JSON (merged by task), run nothing.",
+    )
     return p
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-    for m in args.methods:
-        if not _METHOD.match(m):
-            sys.exit(f"Error: unknown method {m!r} (e.g. braces-r8, lora-qv-r8, ia3)")
-    tic = time.perf_counter()
-    results = {"command": " ".join(sys.argv), "settings": vars(args), "tasks": {}}
-    for task in args.tasks:
-        results["tasks"][task] = run_task(task, args)
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill unset sizes from the default or --full settings; check the values."""
+    for k, v in SETTINGS["full" if args.full else "default"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.dequantize == "auto":
+        args.dequantize = fast_dtype() or False
+    elif args.dequantize == "none":
+        args.dequantize = False
+    for k in ("iters", "batch_size", "eval_batch_size"):
+        if getattr(args, k) < 1:
+            raise BenchError(
+                f"--{k.replace('_', '-')}: expected >= 1, got {getattr(args, k)}"
+            )
+    for k in (
+        "train_size",
+        "valid_size",
+        "test_size",
+        "transfer_size",
+        "sst2_test_size",
+    ):
+        if getattr(args, k) < 0:
+            raise BenchError(
+                f"--{k.replace('_', '-')}: expected >= 0, got {getattr(args, k)}"
+            )
+    if args.valid_size < 1:
+        raise BenchError("--valid-size: expected >= 1 (the rate is picked on it)")
+    return args
+
+
+def merge(paths: list[str]) -> dict:
+    """The results of several runs (e.g. methods split over processes), task by task.
+
+    A task's untrained scores must agree between files (same model and data)."""
+    merged: dict = {"tasks": {}, "sources": []}
+    for path in paths:
+        try:
+            r = json.loads(Path(path).read_text())
+            tasks = r["tasks"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"{path}: not a bench_quality.py JSON ({e})") from None
+        merged["sources"].append({"file": path, "command": r.get("command")})
+        for task, t in tasks.items():
+            have = merged["tasks"].setdefault(task, {**t, "methods": {}})
+            if have["base_acc"] != t["base_acc"]:
+                raise BenchError(
+                    f"{path}: task {task!r} has untrained scores {t['base_acc']}, "
+                    f"another file {have['base_acc']} (a different model or data)"
+                )
+            have["methods"].update(t["methods"])
+    return merged
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.report:
+        try:
+            merged = merge(args.report)
+        except BenchError as e:
+            sys.exit(f"Error: {e}")
+        for task, r in merged["tasks"].items():
+            print(f"\n## {task}\n\n" + table(task, r))
+        return
+    try:
+        args = resolve_args(args)
+        for spec in args.methods:
+            parse_method(spec, args.rank, None)
+        probe, _ = load(args.model, dequantize=args.dequantize)
+        methods = [parse_method(s, args.rank, probe) for s in args.methods]
+        del probe
+        per_method = len(args.seeds)
+        clock = Clock(
+            {
+                t: sum(len(grid_for(m, args)) + per_method for m in methods)
+                for t in args.tasks
+            }
+        )
+        results = {
+            "command": " ".join(
+                ["python", "scripts/bench_quality.py", *(argv or sys.argv[1:])]
+            ),
+            "settings": {k: v for k, v in vars(args).items()},
+            "device": str(mx.default_device()),
+            "tasks": {},
+        }
+        tic = time.perf_counter()
+        for task in args.tasks:
+            run_task(task, args, clock, methods, results)
+    except (BenchError, mlx_braces.ModelLoadError, mlx_braces.GGUFError) as e:
+        sys.exit(f"Error: {e}")
     results["wall_seconds"] = time.perf_counter() - tic
     for task, r in results["tasks"].items():
-        print("\n" + table(task, r))
-    print(f"\nwall time {results['wall_seconds']:.0f}s")
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=2)
+        print(f"\n## {task}\n\n" + table(task, r))
+    print(f"\nwall time {_clock(results['wall_seconds'])}")
+    write_json(results, args.output)
     print(f"Wrote {args.output}")
 
 

@@ -10,7 +10,15 @@ Table 2 (quality): the embedded stories260K model (4-bit, as ``--model stories26
 trains it) on the embedded SST-2 subset for the same iterations; validation loss on
 the whole validation split.
 
+With ``--moe`` the speed table's model is a random 4-bit Qwen3-MoE instead (every
+block routed experts: ``--experts`` of width ``--moe-ffn-dims``, top ``--top-k``;
+mlx-lm's LoRA default keys then include the experts' SwitchLinear layers), and an
+``unbraced`` row times the same loop's forward and backward with nothing trained
+(the gradient taken with respect to the token embeddings' output), the floor that
+braces' ratio is read against.
+
     python scripts/bench_train.py --out runs/bench_train.json
+    python scripts/bench_train.py --moe --skip-quality --out runs/bench_train_moe.json
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import mlx_braces  # noqa: F401  (first: it loads OpenBLAS before MLX binds a BL
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen3_moe
 from mlx_lm.tuner.trainer import TrainingArgs as LoRATrainingArgs
 from mlx_lm.tuner.trainer import train as lora_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -54,7 +62,10 @@ CONFIGS = [  # (name, method, rank, LoRA keys)
 
 
 def synthetic_model(args) -> nn.Module:
-    """A random Llama (GQA 4:1, SwiGLU d_ff ≈ 2.75·d), quantized as mlx-lm does."""
+    """A random Llama (GQA 4:1, SwiGLU d_ff ≈ 2.75·d), quantized as mlx-lm does;
+    with ``--moe`` a random Qwen3-MoE of the same width and depth."""
+    if args.moe:
+        return synthetic_moe(args)
     config = dict(
         model_type="llama",
         hidden_size=args.dims,
@@ -73,6 +84,76 @@ def synthetic_model(args) -> nn.Module:
         model, _ = quantize_model(model, config, group_size=64, bits=4)
     mx.eval(model.parameters())
     return model
+
+
+def synthetic_moe(args) -> nn.Module:
+    """A random 4-bit Qwen3-MoE (every block routed experts), quantized as mlx-lm does."""
+    config = dict(
+        model_type="qwen3_moe",
+        hidden_size=args.dims,
+        intermediate_size=args.ffn_dims,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads // 4,
+        head_dim=args.dims // args.heads,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=args.moe_ffn_dims,
+        rms_norm_eps=1e-6,
+        vocab_size=args.vocab,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        norm_topk_prob=True,
+    )
+    mx.random.seed(0)
+    model = qwen3_moe.Model(qwen3_moe.ModelArgs.from_dict(config))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model, _ = quantize_model(model, config, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def unbraced_step_speed(args, data) -> dict:
+    """Tokens/s of the loop's forward and backward on the frozen base model alone.
+
+    Nothing is trainable, so the gradient is taken with respect to the embedding
+    output (a (B, L, d) array), which backpropagates through every block as braces'
+    gradient does, without an optimizer step.
+    """
+    model = synthetic_model(args)
+    model.freeze()
+    inner = model.model
+    tokens = mx.array([row for row, _ in data[: args.batch_size]])
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss(h):
+        from mlx_lm.models.base import create_attention_mask
+
+        mask = create_attention_mask(h, None)
+        for layer in inner.layers:
+            h = layer(h, mask, None)
+        logits = model.lm_head(inner.norm(h))
+        return nn.losses.cross_entropy(logits, targets).mean()
+
+    grad = mx.grad(loss)
+    h0 = inner.embed_tokens(inputs)
+    mx.eval(grad(h0))  # warm-up
+    times = []
+    for _ in range(args.steps):
+        tic, cpu = time.perf_counter(), time.process_time()
+        mx.eval(grad(h0))
+        times.append((time.perf_counter() - tic, time.process_time() - cpu))
+    n = inputs.size * len(times)
+    return {
+        "config": "unbraced (fwd+bwd)",
+        "trainable_parameters": 0,
+        "tokens_per_second": n / sum(t for t, _ in times),
+        "tokens_per_cpu_second": n / sum(c for _, c in times),
+        "peak_memory_gb": mx.get_peak_memory() / 1e9,
+    }
 
 
 def adapt(model: nn.Module, method: str, rank: int, keys, layers: int) -> nn.Module:
@@ -180,7 +261,19 @@ def speed_table(args) -> list[dict]:
                     row[k] = max(row[k], best[name][k])
             best[name] = row
             del model
-    return [best[name] for name, *_ in CONFIGS]
+        if args.moe:
+            gc.collect()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            row = unbraced_step_speed(args, data)
+            print(f"  {row['config']}: {row}", flush=True)
+            old = best.get(row["config"])
+            if old is not None:
+                for k in ("tokens_per_second", "tokens_per_cpu_second"):
+                    row[k] = max(row[k], old[k])
+            best[row["config"]] = row
+    names = [name for name, *_ in CONFIGS]
+    return [best[n] for n in names + (["unbraced (fwd+bwd)"] if args.moe else [])]
 
 
 def quality_table(args) -> list[dict]:
@@ -246,6 +339,8 @@ def print_speed(rows: list[dict]) -> None:
     for r in rows:
         rank = r["config"].split()[1]
         refs = [by.get(f"LoRA {rank} q,v"), by.get(f"LoRA {rank} default keys")]
+        if r["config"].startswith("unbraced"):
+            refs = []
         cells = [" / ".join(ratio(r[k], ref[k]) for ref in refs if ref) for k in keys]
         print(
             f"{r['config']:<23}{r['trainable_parameters']:>8,}"
@@ -254,6 +349,16 @@ def print_speed(rows: list[dict]) -> None:
             f"{cells[3]:>15}"
         )
     print("(ratios: to LoRA of the same rank on q,v / on mlx-lm's default keys)")
+    base = by.get("unbraced (fwd+bwd)")
+    if base is not None:
+        for r in rows:
+            if r is not base:
+                print(
+                    f"{r['config']:<23} / unbraced fwd+bwd: tok/s "
+                    f"{ratio(r['tokens_per_second'], base['tokens_per_second'])}, "
+                    f"tok/cpu-s "
+                    f"{ratio(r['tokens_per_cpu_second'], base['tokens_per_cpu_second'])}"
+                )
 
 
 def print_quality(rows: list[dict]) -> None:
@@ -285,6 +390,10 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs of each config (best speed kept)"
     )
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE model")
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--moe-ffn-dims", type=int, default=128)
     parser.add_argument("--quality-iters", type=int, default=100)
     parser.add_argument("--quality-seq-length", type=int, default=64)
     # The best of 1e-4..3e-2 (braces) and 1e-5..1e-2 (LoRA r16 q,v) after 200
@@ -297,8 +406,14 @@ def main() -> None:
     args = parser.parse_args()
 
     tic = time.perf_counter()
+    shape = (
+        f"Qwen3-MoE d={args.dims} experts={args.experts} (width {args.moe_ffn_dims}, "
+        f"top {args.top_k})"
+        if args.moe
+        else f"Llama d={args.dims} d_ff={args.ffn_dims}"
+    )
     print(
-        f"Speed: random 4-bit Llama d={args.dims} d_ff={args.ffn_dims} "
+        f"Speed: random 4-bit {shape} "
         f"layers={args.layers} heads={args.heads}/{args.heads // 4} "
         f"vocab={args.vocab}; batch {args.batch_size} x {args.seq_length} tokens, "
         f"{args.steps} warm-up + {args.steps} timed steps, best of {args.repeats}",

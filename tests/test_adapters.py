@@ -32,6 +32,7 @@ from mlx_braces.adapters import (  # noqa: E402
     save_weights,
     write_resume,
 )
+from mlx_braces.braces import DEFAULT_GATE_INIT  # noqa: E402
 from mlx_braces.commit import commit  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -122,7 +123,7 @@ def test_config_records_braces_fields_and_no_lora_parameters(saved, folders):
     config = json.loads((saved["fp"]["path"] / CONFIG_NAME).read_text())
     assert config["fine_tune_type"] == "braces"
     assert config["braces_parameters"]["rank"] == 4
-    assert config["braces_parameters"]["gate_init"] == -5.0
+    assert config["braces_parameters"]["gate_init"] == DEFAULT_GATE_INIT == -2.0
     assert config["braces_parameters"]["layers"] == [
         "model.layers.0.mlp",
         "model.layers.1.mlp",

@@ -164,12 +164,15 @@ MOE_CONFIGS = {
 
 
 @pytest.mark.parametrize("arch", list(MOE_CONFIGS))
-def test_mixture_of_experts_is_refused(arch):
+def test_mixture_of_experts_is_braced(arch):
+    """One R and gate per MoE block, shared by its experts (tests/test_moe.py)."""
     model_class, args_class = _get_classes(MOE_CONFIGS[arch])
     model = model_class(args_class.from_dict(MOE_CONFIGS[arch]))
-    with pytest.raises(ValueError, match=f"Model type '{arch}' has mixture-of-experts"):
-        apply_braces(model)
-    assert braced_layers(model) == []
+    apply_braces(model, rank=8)
+    layers = braced_layers(model)
+    assert [type(m).__name__ for _, m in layers] == ["BracedMoE"] * 2
+    assert [m.num_experts for _, m in layers] == [4, 4]
+    assert trainable_parameter_count(model) == 2 * (8 * D + 1)
 
 
 def test_attention_with_wide_heads_is_not_an_ffn():

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 import yaml
 from rich.console import Console
@@ -66,6 +67,20 @@ def test_clear_cache():
     assert mx.get_cache_memory() > 0
     _compat.clear_cache(0)
     assert mx.get_cache_memory() == 0
+
+
+def test_gather_sort():
+    from mlx_lm.models import switch_layers
+
+    assert params(switch_layers._gather_sort) == ["x", "indices"]
+    x = mx.arange(12, dtype=mx.float32).reshape(3, 1, 1, 4)  # (tokens, 1, 1, d)
+    idx = mx.array([[2, 0], [1, 2], [0, 1]])  # (tokens, k)
+    xs, ids, inv = _compat.gather_sort(x, idx)
+    flat = np.array(idx).reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    assert np.array(ids).tolist() == flat[order].tolist()  # grouped by expert
+    np.testing.assert_array_equal(np.array(xs)[:, 0], np.array(x)[order // 2, 0, 0])
+    np.testing.assert_array_equal(np.array(inv), np.argsort(order))
 
 
 def test_parse_size():

@@ -474,7 +474,7 @@ def test_yaml_and_command_line_precedence(tmp_path):
     )
     assert args.optimizer_config == {"adamw": {"weight_decay": 0.1}}
     assert (args.steps_per_eval, args.save_every, args.num_layers) == (200, 100, -1)
-    assert args.train and not args.test and args.gate_init == -5.0
+    assert args.train and not args.test and args.gate_init == -2.0  # the default
     # --epochs on the command line beats iters in the YAML, and the other way round.
     assert resolve_args({"config": str(config), "epochs": 2}).epochs == 2
     config.write_text("epochs: 2\n")

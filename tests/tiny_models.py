@@ -72,10 +72,71 @@ CONFIGS = {
     ),
 }
 
+# Mixture-of-experts architectures: 8 experts of width 32, top 2 (width 64, 2 layers);
+# apart from CONFIGS, which the dense tests run over.
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        CONFIGS["qwen3"],
+        **_MOE,
+        model_type="qwen3_moe",
+        num_experts=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,
+    ),
+    "mixtral": dict(
+        _COMMON, model_type="mixtral", num_local_experts=8, intermediate_size=32
+    ),
+    "qwen2_moe": dict(  # routed experts plus a gated shared expert
+        _COMMON,
+        **_MOE,
+        model_type="qwen2_moe",
+        num_experts=8,
+        shared_expert_intermediate_size=96,
+    ),
+    "olmoe": dict(
+        _SIZES,
+        **_MOE,
+        model_type="olmoe",
+        intermediate_size=32,
+        rms_norm_eps=1e-5,
+        num_experts=8,
+    ),
+    "gpt_oss": dict(  # d_ff == d, biases, sliding and full attention
+        _SIZES,
+        model_type="gpt_oss",
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        intermediate_size=64,
+        head_dim=16,
+        num_key_value_heads=2,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "deepseek_v3": dict(  # block 0 dense, block 1 routed experts plus a shared one
+        _SIZES,
+        model_type="deepseek_v3",
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        kv_lora_rank=32,
+        q_lora_rank=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        qk_nope_head_dim=32,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+    ),
+}
+MOE_ARCHS = tuple(MOE_CONFIGS)
+
 
 def build(arch: str, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised mlx-lm model of ``arch`` with non-trivial norms/biases."""
-    config = dict(CONFIGS[arch], **overrides)
+    config = dict(CONFIGS.get(arch) or MOE_CONFIGS[arch], **overrides)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.random.seed(seed)
@@ -106,9 +167,11 @@ def dense_weight(layer: nn.Module) -> mx.array:
     return layer.weight
 
 
-def quantized(arch: str, bits: int = 4, group_size: int = 32, mode: str = "affine"):
+def quantized(
+    arch: str, bits: int = 4, group_size: int = 32, mode: str = "affine", **overrides
+):
     """A tiny model quantized the way mlx-lm quantizes (embeddings and linears)."""
-    model = build(arch)
+    model = build(arch, **overrides)
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode)
     mx.eval(model.parameters())
     return model
