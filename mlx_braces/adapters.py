@@ -64,6 +64,7 @@ class BracesConfig:
     attributes: dict[str, list[str]] | None = None  # attribute name: its words
     hidden_dims: int | None = None  # the attribute MLP's width
     contrast: bool = False  # attribute labels contrast with each other
+    steer_only: bool = False  # attributes without the unconditioned r(x)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -92,6 +93,7 @@ class BracesConfig:
             attributes=attr.get("attributes"),
             hidden_dims=params.get("hidden_dims"),
             contrast=bool(params.get("contrast", False)),
+            steer_only=bool(params.get("steer_only", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +119,7 @@ class BracesConfig:
             out["attribute_parameters"] = {
                 "hidden_dims": self.hidden_dims,
                 "contrast": self.contrast,
+                "steer_only": self.steer_only,
             }
         return out
 
@@ -179,6 +182,7 @@ class BracesConfig:
             )
         attributes = config.get("attributes")
         hidden = contrast = None
+        steer_only = False
         if attributes is not None:
             try:
                 check_attributes(attributes, f"{file}: field 'attributes'")
@@ -192,6 +196,12 @@ class BracesConfig:
                     f"integer, got {hidden!r}"
                 )
             contrast = attr.get("contrast", False)
+            steer_only = attr.get("steer_only", False)  # absent before it existed
+            if not isinstance(steer_only, bool):
+                raise AdapterError(
+                    f"{file}: attribute_parameters.steer_only must be true or false, "
+                    f"got {steer_only!r}"
+                )
         return cls(
             rank=rank,
             layers=list(layers),
@@ -201,6 +211,7 @@ class BracesConfig:
             attributes=attributes,
             hidden_dims=hidden,
             contrast=bool(contrast),
+            steer_only=steer_only,
             format_version=version,
         )
 
@@ -601,6 +612,7 @@ def _brace_like(model: nn.Module, config: BracesConfig, file: Path) -> None:
             config.attributes,
             hidden_dims=config.hidden_dims,
             contrast=config.contrast,
+            steer_only=config.steer_only,
         )
 
 

@@ -205,6 +205,9 @@ class BracedFFN(nn.Module):
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
         self._memo = _Memo()  # the one inference cache (also for ``cond``'s offset)
+        # Steer-only attributes (steering.install_attributes): drop r(x), keep S r_c,
+        # so the layer is exactly the base FFN unsteered (METHOD.md §7, "Steering").
+        self.steer_only = False
 
     @property
     def down(self) -> nn.Module:
@@ -248,10 +251,15 @@ class BracedFFN(nn.Module):
         key = (R, gate, *_weight_arrays(down))
         return self._memo.get((output_side, dtype), key, compute)
 
-    def _delta(self, x: mx.array, cond: nn.Module | None) -> mx.array:
-        """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff)."""
-        r = self.relevance(x)
+    def _delta(self, x: mx.array, cond: nn.Module | None) -> mx.array | None:
+        """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff); steer-only
+        ``g·S r_c`` ((d_ff,) or per row), None unsteered."""
         term = None if cond is None else cond.term(self, x)  # constant over tokens
+        if self.steer_only:
+            return (
+                None if term is None else self.g.astype(x.dtype) * term.astype(x.dtype)
+            )
+        r = self.relevance(x)
         if term is not None:
             r = r + term.astype(x.dtype)
         return self.g.astype(x.dtype) * r
@@ -268,11 +276,18 @@ class BracedFFN(nn.Module):
             output_side = inject.record is None  # inspection reads the input's delta
             Rt, M = self._inference_terms(x.dtype, output_side, inject["linear"])
             offset = None if cond is None else cond.offset(self, x)
-            if offset is None:
+            if self.steer_only:  # (S h_c) Rᵀ alone, on every row; unsteered the base
+                z = None
+                if offset is not None:
+                    shape = (*x.shape[:-1], offset.shape[-1])
+                    z = mx.broadcast_to(offset.astype(x.dtype), shape)
+            elif offset is None:
                 z = x @ Rt  # (..., rank)
             else:
                 z = mx.addmm(offset.astype(x.dtype), x, Rt)  # R x + (S h_c) Rᵀ
-            if output_side:
+            if z is None:
+                pass
+            elif output_side:
                 pending.branch = (z, M)
             else:
                 pending.delta = z @ M

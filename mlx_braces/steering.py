@@ -306,9 +306,15 @@ def _per_row(term: mx.array, x: mx.array) -> mx.array:
 class _AttributeSet:
     """An adapter's attribute words and labelling (a plain object: not in the tree)."""
 
-    def __init__(self, attributes: Mapping[str, Sequence[str]], contrast: bool):
+    def __init__(
+        self,
+        attributes: Mapping[str, Sequence[str]],
+        contrast: bool,
+        steer_only: bool = False,
+    ):
         self.attributes = {k: list(v) for k, v in attributes.items()}
         self.contrast = contrast and len(attributes) > 1
+        self.steer_only = steer_only
 
 
 def install_attributes(
@@ -318,11 +324,14 @@ def install_attributes(
     hidden_dims: int = DEFAULT_HIDDEN_DIMS,
     contrast: bool = True,
     seed: int | None = None,
+    steer_only: bool = False,
 ) -> nn.Module:
     """Give every braced layer a :class:`Conditional` (``cond``) for ``attributes``.
 
     ``embeddings`` are the per-layer ``e_c`` (zeros when None: an adapter's saved
     values are loaded over them). ``contrast``: see :func:`effective_strengths`.
+    ``steer_only``: the layers drop their unconditioned ``r(x)`` and add only
+    ``g·S r_c``, so unsteered the model is exactly the base (dense FFNs only).
     Replaces any earlier attributes.
     """
     layers = braced_layers(model)
@@ -338,7 +347,14 @@ def install_attributes(
     keys = (
         mx.random.split(mx.random.key(seed), len(layers)) if seed is not None else None
     )
-    spec = _AttributeSet(attributes, contrast)
+    if steer_only:
+        moe = [p for p, m in layers if m.num_experts]
+        if moe:
+            raise SteeringError(
+                f"steer-only attributes brace dense FFNs only; {moe[0]} is a "
+                "mixture of experts"
+            )
+    spec = _AttributeSet(attributes, contrast, bool(steer_only))
     for i, (_, braced) in enumerate(layers):
         if embeddings[i].shape != (n, braced.dims):
             raise SteeringError(
@@ -351,6 +367,7 @@ def install_attributes(
         cond.spec = spec
         cond.train(braced.training)
         braced.cond = cond  # unsteered: a new Conditional has no strengths
+        braced.steer_only = spec.steer_only
     return model
 
 
@@ -361,10 +378,12 @@ def add_attributes(
     hidden_dims: int = DEFAULT_HIDDEN_DIMS,
     contrast: bool = True,
     seed: int | None = None,
+    steer_only: bool = False,
 ) -> nn.Module:
     """Compute ``e_c`` from the frozen base model and install the conditional branch.
 
-    ``attributes`` is ``{name: [words]}`` or a YAML/JSON file (or shipped set name).
+    ``attributes`` is ``{name: [words]}`` or a YAML/JSON file (or shipped set name);
+    ``steer_only``: see :func:`install_attributes`.
     """
     if isinstance(attributes, (str, Path)):
         attributes = read_attributes(attributes)
@@ -374,7 +393,7 @@ def add_attributes(
         model, ids, getattr(tokenizer, "bos_token_id", None)
     )
     return install_attributes(
-        model, attributes, embeddings, hidden_dims, contrast, seed
+        model, attributes, embeddings, hidden_dims, contrast, seed, steer_only
     )
 
 
@@ -395,6 +414,7 @@ def attribute_config(model: nn.Module) -> dict[str, Any]:
         "attribute_parameters": {
             "hidden_dims": cond.up.weight.shape[0],
             "contrast": spec.contrast,
+            "steer_only": spec.steer_only,
         },
     }
 
@@ -611,13 +631,16 @@ def prepare_training(
     valid_set: Any = None,
     hidden_dims: int = DEFAULT_HIDDEN_DIMS,
     seed: int | None = None,
+    steer_only: bool = False,
 ) -> tuple[Any, Any]:
     """Add ``attributes`` to a braced ``model`` and label its training data.
 
     Returns ``(train_set, valid_set)`` as :class:`AttributeDataset`: their batches
     carry per-row strengths, which ``mlx_braces.trainer``'s loss steers by.
     """
-    add_attributes(model, tokenizer, attributes, hidden_dims, seed=seed)
+    add_attributes(
+        model, tokenizer, attributes, hidden_dims, seed=seed, steer_only=steer_only
+    )
     names = attribute_names(model)
     train_set = AttributeDataset(train_set, names, source="training example")
     if not train_set.labelled:

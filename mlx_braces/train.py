@@ -127,6 +127,7 @@ CONFIG_DEFAULTS = {
     "rank": 16,
     "gate_init": DEFAULT_GATE_INIT,
     "attributes": None,
+    "steer_only": False,
     "mask_prompt": False,
     "report_to": None,
     "project_name": None,
@@ -233,7 +234,13 @@ OPTIONS = [
         ["--attributes"],
         str,
         "Train steering attributes: a YAML/JSON file {name: [words]} or a shipped "
-        'set (sentiment); data lines carry "attribute": name.',
+        'set (sentiment, toxicity); data lines carry "attribute": name.',
+    ),
+    (
+        ["--steer-only"],
+        FLAG,
+        "With --attributes: train the steering branch alone, without the "
+        "unconditioned brace, so the unsteered model is exactly the base.",
     ),
     (["--batch-size"], int, "Minibatch size."),
     (
@@ -480,6 +487,7 @@ CHECKS = [  # (options, test, what they must be)
             "grad_checkpoint",
             "trust_remote_code",
             "overwrite",
+            "steer_only",
         ),
         lambda v: isinstance(v, bool),
         "true or false",
@@ -584,6 +592,11 @@ def load_model(args) -> tuple[nn.Module, Any]:
             rprint(f"Note: --dequantize: {args.model} has no quantized layers.")
         dequantize_model(model, args.dequantize)
         rprint(f"Dequantized the quantized layers to {args.dequantize} in memory.")
+    elif fast_dtype() and is_quantized(model) and not args.embedded:  # ~25x slower
+        rprint(
+            "Note: on the CPU quantized matmuls are ~25x slower than float32; "
+            "--dequantize trains in float32 (the adapter is the same)."
+        )
     return model, tokenizer
 
 
@@ -704,12 +717,20 @@ def train_model(
         apply_braces(model, args.rank, args.num_layers, args.gate_init, seed=args.seed)
     except ValueError as e:
         raise UsageError(f"cannot brace {args.model}: {e}") from None
+    if args.steer_only and not args.attributes:
+        raise UsageError("--steer-only: it trains attributes; give --attributes too")
     if args.attributes:  # the conditional branch; data with per-row strengths
         from .steering import SteeringError, prepare_training
 
         try:
             train_set, valid_set = prepare_training(
-                model, tokenizer, args.attributes, train_set, valid_set, seed=args.seed
+                model,
+                tokenizer,
+                args.attributes,
+                train_set,
+                valid_set,
+                seed=args.seed,
+                steer_only=args.steer_only,
             )
         except SteeringError as e:
             raise UsageError(f"--attributes: {e}") from None

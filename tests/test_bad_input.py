@@ -464,6 +464,12 @@ CASES = [
         lambda w: train_args(w, "--attributes", w["root"] / "attrs.yaml"),
         lambda w: "--attributes",
     ),
+    Case(
+        "flag-steer-only-without-attributes",
+        "train",
+        lambda w: train_args(w, "--steer-only"),
+        lambda w: "--steer-only: it trains attributes; give --attributes too",
+    ),
     # --- train: adapter folders and resume
     Case(
         "adapter-path-is-file",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import tiny_models
+from scripts_module import load_script
 
 from mlx_braces.braces import trainable_parameter_count
 from mlx_braces.evaluate import loglikelihoods
@@ -23,15 +23,7 @@ SCRIPT = ROOT / "scripts" / "bench_quality.py"
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bq = _bench()
+bq = load_script("bench_quality")
 
 
 def _dims(arch: str) -> dict:
@@ -53,7 +45,7 @@ def _count(arch: str, spec: str, rank: int = 4) -> int:
     return trainable_parameter_count(model)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
 def test_every_method_count_equals_its_formula(arch):
     L, d, d_ff, d_q, d_kv = _dims(arch).values()
     r = 4
@@ -90,12 +82,13 @@ def test_matched_rank_is_the_closest_lora_count():
     assert _count("llama", "lora-qv-rmatch", rank=8) == best * per_rank
 
 
-def test_option_logprobs_equal_the_summed_token_logprobs():
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # own head; tied head
+def test_option_logprobs_equal_the_summed_token_logprobs(arch):
     """Both scoring paths (one shared forward; one per option) against evaluate's."""
-    model = tiny_models.build("llama")
+    model = tiny_models.build(arch)
     model.eval()
     rng = np.random.default_rng(0)
-    V = tiny_models.CONFIGS["llama"]["vocab_size"]
+    V = tiny_models.CONFIGS[arch]["vocab_size"]
 
     def ids(n):
         return [int(t) for t in rng.integers(1, V, n)]
@@ -168,6 +161,14 @@ def test_bad_method_is_one_line(tmp_path):
         assert p.stderr.strip().count("\n") == 0 and repr(bad)[1:-1] in p.stderr
 
 
+def test_bad_jobs_is_one_line(tmp_path):
+    p = _run("--model", "stories260k", "--jobs", "two", out=tmp_path / "x.json")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert (
+        p.stderr.strip() == "Error: --jobs: expected 'auto' or an integer >= 1, got two"
+    )
+
+
 METHOD_FIELDS = {
     "kind",
     "rank",
@@ -183,7 +184,9 @@ METHOD_FIELDS = {
 }
 
 
-def _smoke(tmp_path: Path, task: str, methods: list[str]) -> tuple[dict, str]:
+def _smoke(
+    tmp_path: Path, task: str, methods: list[str], jobs: int = 1
+) -> tuple[dict, str]:
     """A 10-step run on stories260K (2 seeds, a 2-rate grid); (JSON, stdout)."""
     assets = tmp_path / "assets" / "AGI-Edgerunners__LLM-Adapters"
     assets.mkdir(parents=True, exist_ok=True)
@@ -198,15 +201,16 @@ def _smoke(tmp_path: Path, task: str, methods: list[str]) -> tuple[dict, str]:
         *("--train-size", "6", "--valid-size", "3", "--test-size", "1"),
         *("--transfer-size", "1" if task == "sst2" else "6", "--sst2-test-size", "8"),
         *("--assets", str(tmp_path / "assets"), "--eval-batch-size", "8"),
+        *("--transfer", "--jobs", str(jobs)),
         out=out,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "left" in p.stdout  # the progress lines
     r = json.loads(out.read_text())
     assert {"command", "settings", "device", "tasks", "wall_seconds"} <= set(r)
-    assert list(r["tasks"]) == [task]
+    assert list(r["tasks"]) == [task] and r["jobs"] == jobs
     t = r["tasks"][task]
-    assert set(t["methods"]) == set(methods)
+    assert list(t["methods"]) == methods  # in --methods order, whatever the jobs
     for name, m in t["methods"].items():
         assert METHOD_FIELDS <= set(m), name
         assert [x["seed"] for x in m["runs"]] == [0, 1]
@@ -243,7 +247,12 @@ def test_smoke_run_of_every_method_writes_every_field(tmp_path):
 
 
 def test_smoke_run_commonsense_writes_every_field(tmp_path):
-    t, _ = _smoke(tmp_path, "commonsense", ["braces-r4", "loreft-r4"])
+    """Two --jobs processes, one method each, merged into one JSON."""
+    t, stdout = _smoke(tmp_path, "commonsense", ["braces-r4", "loreft-r4"], jobs=2)
+    assert "[job 0] braces-r4 (" in stdout
+    assert "[job 1] loreft-r4 (" in stdout
+    assert "[job 1] [commonsense] loreft-r4" in stdout  # its progress lines
+    assert not list(tmp_path.glob("*.job*.json"))  # the parts, merged and removed
     assert t["n_test"] == {"arc-e": 1, "arc-c": 1, "obqa": 1}
     assert t["n_train"] == 6 and t["n_valid"] == 3
     assert t["n_transfer"] == {"sst2": 6}

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -110,6 +111,9 @@ def test_train_save_and_reload_by_name(smollm2_dir, data, tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Iter 3: Val loss" in r.stdout, r.stdout
+    # a quantized base on the CPU, without --dequantize: the one-line hint
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert ("--dequantize trains in float32" in r.stdout) == on_cpu, r.stdout
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["model"] == "smollm2-135m-instruct"
     assert config["base_gguf_sha256"] == SMOLLM2_SHA

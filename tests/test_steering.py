@@ -37,6 +37,7 @@ from mlx_braces.steering import (
 from mlx_braces.trainer import default_loss, iterate_batches
 
 sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models  # noqa: E402
 from tiny_models import quantized  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,7 +255,11 @@ def test_adapter_round_trip_keeps_attributes(stories, tmp_path):
     adapters.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["attributes"] == WORDS
-    assert config["attribute_parameters"] == {"hidden_dims": 8, "contrast": True}
+    assert config["attribute_parameters"] == {
+        "hidden_dims": 8,
+        "contrast": True,
+        "steer_only": False,
+    }
     saved = mx.load(str(tmp_path / "adapters.safetensors"))
     assert "model.layers.0.mlp.cond.e" in saved
     trainable = dict(tree_flatten(model.trainable_parameters()))
@@ -526,3 +531,79 @@ def test_importing_steering_loads_no_trainer():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "['mlx_braces.braces', 'mlx_braces.steering']"
+
+
+# ---------------------------------------------------------------------------
+# Steer-only attributes: the unconditioned r(x) dropped (METHOD.md §7 "Steering")
+
+
+def steer_only_model(stories, seed=0):
+    model, tok = fresh(stories)
+    apply_braces(model, rank=8, seed=seed)
+    add_attributes(model, tok, WORDS, hidden_dims=8, seed=seed, steer_only=True)
+    randomize_branch(model, seed)
+    model.eval()
+    return model, tok
+
+
+def test_steer_only_unsteered_is_the_base_model_exactly(stories):
+    model, _ = steer_only_model(stories)  # open gates, non-zero R and MLP
+    base, _ = fresh(stories)
+    for training in (False, True):
+        model.train(training)
+        assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
+        steer(model, {"positive": 0.0})
+        assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
+        steer(model, {"positive": 2.0})
+        assert not mx.allclose(model(PROMPT), base(PROMPT), atol=1e-3).item()
+        steer(model, None)
+
+
+def test_steer_only_ffn_matches_numpy_in_train_and_inference(stories):
+    model, _ = steer_only_model(stories)
+    steer(model, {"positive": 1.5, "negative": -0.5})
+    s = np.array([1.5 - (-0.5), -0.5 - 1.5])  # contrast, as above
+    x = mx.random.normal((2, 3, 64), key=mx.random.key(1))
+    for _, m in braced_layers(model):
+        c = m.cond
+        R, W_V = _np(m.R), _np(m.down.weight)
+        h = _silu(_np(c.e) @ _np(c.up.weight).T + _np(c.up.bias))
+        h = h @ _np(c.out.weight).T + _np(c.out.bias)
+        r_c = (h @ R.T) @ (R @ W_V) / np.sqrt(m.rank)
+        xn = _np(x)
+        w = _silu(xn @ _np(m.ffn.gate_proj.weight).T) * (
+            xn @ _np(m.ffn.up_proj.weight).T
+        )
+        g = 1 / (1 + np.exp(-_np(m.gate)[0]))
+        want = (w + g * (s @ r_c)) @ W_V.T  # no r(x)
+        for training in (True, False):
+            m.train(training)
+            np.testing.assert_allclose(_np(m(x)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_steer_only_round_trip_and_errors(stories, tmp_path):
+    model, _ = steer_only_model(stories)
+    steer(model, {"negative": 1.5})
+    want = model(PROMPT)
+    adapters.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["attribute_parameters"]["steer_only"] is True
+    loaded, _ = fresh(stories)
+    adapters.load_adapter(loaded, tmp_path)
+    assert all(m.steer_only for _, m in braced_layers(loaded))
+    steer(loaded, {"negative": 1.5})
+    assert mx.array_equal(loaded(PROMPT), want).item()
+    # an adapter saved before the field existed loads as a full brace
+    del config["attribute_parameters"]["steer_only"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    old, _ = fresh(stories)
+    adapters.load_adapter(old, tmp_path)
+    assert not any(m.steer_only for _, m in braced_layers(old))
+    config["attribute_parameters"]["steer_only"] = "yes"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(adapters.AdapterError, match="steer_only must be true or false"):
+        adapters.load_adapter(fresh(stories)[0], tmp_path)
+    moe = tiny_models.build("qwen3_moe")
+    apply_braces(moe, rank=4)
+    with pytest.raises(SteeringError, match="steer-only attributes brace dense FFNs"):
+        install_attributes(moe, WORDS, steer_only=True)
