@@ -206,7 +206,7 @@ class BracedFFN(nn.Module):
         self.gate = mx.array([gate_init], dtype=mx.float32)
         self._memo = _Memo()  # the one inference cache (also for ``cond``'s offset)
         # Steer-only attributes (steering.install_attributes): drop r(x), keep S r_c,
-        # so the layer is exactly the base FFN unsteered (METHOD.md §7, "Steering").
+        # so the layer is exactly the base FFN unsteered (METHOD.md §4, steer-only).
         self.steer_only = False
 
     @property
