@@ -64,7 +64,7 @@ class BracesConfig:
     attributes: dict[str, list[str]] | None = None  # attribute name: its words
     hidden_dims: int | None = None  # the attribute MLP's width
     contrast: bool = False  # attribute labels contrast with each other
-    steer_only: bool = False  # attributes without the unconditioned r(x)
+    steer_only: bool = False  # generate without the unconditioned r(x)
     format_version: int = FORMAT_VERSION
 
     @property

@@ -205,8 +205,9 @@ class BracedFFN(nn.Module):
         self.R = orthonormal_rows(rank, d, key)
         self.gate = mx.array([gate_init], dtype=mx.float32)
         self._memo = _Memo()  # the one inference cache (also for ``cond``'s offset)
-        # Steer-only attributes (steering.install_attributes): drop r(x), keep S r_c,
-        # so the layer is exactly the base FFN unsteered (METHOD.md §4, steer-only).
+        # Steer-only attributes (steering.install_attributes): r(x) trains beside S r_c
+        # (it absorbs the data's domain) and is dropped outside training, so the
+        # layer is exactly the base FFN unsteered (METHOD.md §4, steer-only).
         self.steer_only = False
 
     @property
@@ -252,13 +253,10 @@ class BracedFFN(nn.Module):
         return self._memo.get((output_side, dtype), key, compute)
 
     def _delta(self, x: mx.array, cond: nn.Module | None) -> mx.array | None:
-        """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff); steer-only
-        ``g·S r_c`` ((d_ff,) or per row), None unsteered."""
+        """``g·(r(x) + S r_c)`` for the down projection's input: (..., d_ff). The train
+        path of steer-only layers too: there ``r(x)`` takes up what the labelled data
+        share (their domain), so ``S r_c`` learns only what tells the labels apart."""
         term = None if cond is None else cond.term(self, x)  # constant over tokens
-        if self.steer_only:
-            return (
-                None if term is None else self.g.astype(x.dtype) * term.astype(x.dtype)
-            )
         r = self.relevance(x)
         if term is not None:
             r = r + term.astype(x.dtype)
@@ -276,7 +274,7 @@ class BracedFFN(nn.Module):
             output_side = inject.record is None  # inspection reads the input's delta
             Rt, M = self._inference_terms(x.dtype, output_side, inject["linear"])
             offset = None if cond is None else cond.offset(self, x)
-            if self.steer_only:  # (S h_c) Rᵀ alone, on every row; unsteered the base
+            if self.steer_only:  # (S h_c) Rᵀ alone: r(x) dropped; unsteered the base
                 z = None
                 if offset is not None:
                     shape = (*x.shape[:-1], offset.shape[-1])

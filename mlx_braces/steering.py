@@ -330,8 +330,9 @@ def install_attributes(
 
     ``embeddings`` are the per-layer ``e_c`` (zeros when None: an adapter's saved
     values are loaded over them). ``contrast``: see :func:`effective_strengths`.
-    ``steer_only``: the layers drop their unconditioned ``r(x)`` and add only
-    ``g·S r_c``, so unsteered the model is exactly the base (dense FFNs only).
+    ``steer_only``: outside training the layers drop their unconditioned ``r(x)``
+    and add only ``g·S r_c``, so unsteered the model is exactly the base; in
+    training ``r(x)`` stays, to absorb the data's domain (dense FFNs only).
     Replaces any earlier attributes.
     """
     layers = braced_layers(model)

@@ -239,8 +239,9 @@ OPTIONS = [
     (
         ["--steer-only"],
         FLAG,
-        "With --attributes: train the steering branch alone, without the "
-        "unconditioned brace, so the unsteered model is exactly the base.",
+        "With --attributes: an adapter that only steers. The unconditioned brace "
+        "trains beside the attributes (it takes up the data's domain) and is "
+        "dropped after training, so the unsteered model is exactly the base.",
     ),
     (["--batch-size"], int, "Minibatch size."),
     (

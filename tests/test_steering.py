@@ -421,18 +421,20 @@ def test_contrast_makes_exclusive_attributes_opposite(stories):
     assert mx.allclose(plain(PROMPT), negative, atol=1e-6).item()
 
 
-def test_trained_attribute_moves_sentiment_score(stories):
+@pytest.mark.parametrize("steer_only", [False, True], ids=["full", "steer-only"])
+def test_trained_attribute_moves_sentiment_score(stories, steer_only):
     """Steering must move log p(positive) - log p(negative) of held-out SST-2 its way.
 
     The attribute is trained on short SST-2 train sentences for 100 steps. ``R`` and
     the gate stay fixed (g = 0.5) so that only the conditional branch learns, which
-    keeps the run short; the score uses SST-2 dev sentences the model never saw.
+    keeps the run short; the score uses SST-2 dev sentences the model never saw
+    (steer-only: without the r(x) that trained beside the branch).
     """
     from mlx_lm.tuner.datasets import CacheDataset, TextDataset
 
     model, tok = fresh(stories)
     apply_braces(model, rank=8, seed=0, gate_init=0.0)
-    add_attributes(model, tok, "sentiment", seed=0)
+    add_attributes(model, tok, "sentiment", seed=0, steer_only=steer_only)
     for _, m in braced_layers(model):
         m.freeze(keys=["R", "gate"], recurse=False)
     train = [r for r in sst2("train") if len(r["text"].split()) <= 10]
@@ -534,7 +536,8 @@ def test_importing_steering_loads_no_trainer():
 
 
 # ---------------------------------------------------------------------------
-# Steer-only attributes: the unconditioned r(x) dropped (METHOD.md §7 "Steering")
+# Steer-only attributes: r(x) trains beside the attributes and is dropped outside
+# training (METHOD.md §4, §7 "Steering")
 
 
 def steer_only_model(stories, seed=0):
@@ -549,14 +552,29 @@ def steer_only_model(stories, seed=0):
 def test_steer_only_unsteered_is_the_base_model_exactly(stories):
     model, _ = steer_only_model(stories)  # open gates, non-zero R and MLP
     base, _ = fresh(stories)
-    for training in (False, True):
-        model.train(training)
-        assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
-        steer(model, {"positive": 0.0})
-        assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
-        steer(model, {"positive": 2.0})
-        assert not mx.allclose(model(PROMPT), base(PROMPT), atol=1e-3).item()
-        steer(model, None)
+    assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
+    steer(model, {"positive": 0.0})
+    assert mx.array_equal(model(PROMPT), base(PROMPT)).item()
+    steer(model, {"positive": 2.0})
+    assert not mx.allclose(model(PROMPT), base(PROMPT), atol=1e-3).item()
+    steer(model, None)
+    model.train()  # training keeps r(x): the full brace's function, not the base
+    assert not mx.allclose(model(PROMPT), base(PROMPT), atol=1e-3).item()
+
+
+def test_steer_only_trains_as_the_full_brace(stories):
+    """A steer-only adapter is trained exactly as a full one (r(x) takes the data's
+    domain); only the layers' function outside training differs."""
+    only, _ = steer_only_model(stories)
+    full, _ = steered_model(stories)  # same seeds, same randomised branch
+    steer(only, {"positive": 1.0})
+    steer(full, {"positive": 1.0})
+    only.train()
+    full.train()
+    assert mx.array_equal(only(PROMPT), full(PROMPT)).item()
+    only.eval()
+    full.eval()
+    assert not mx.allclose(only(PROMPT), full(PROMPT), atol=1e-3).item()
 
 
 def test_steer_only_ffn_matches_numpy_in_train_and_inference(stories):
@@ -575,10 +593,13 @@ def test_steer_only_ffn_matches_numpy_in_train_and_inference(stories):
             xn @ _np(m.ffn.up_proj.weight).T
         )
         g = 1 / (1 + np.exp(-_np(m.gate)[0]))
+        r_x = ((xn @ R.T) @ (R @ W_V)) / np.sqrt(m.rank)
+        m.eval()
         want = (w + g * (s @ r_c)) @ W_V.T  # no r(x)
-        for training in (True, False):
-            m.train(training)
-            np.testing.assert_allclose(_np(m(x)), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(_np(m(x)), want, rtol=1e-4, atol=1e-5)
+        m.train()
+        want = (w + g * (r_x + s @ r_c)) @ W_V.T  # r(x) in training
+        np.testing.assert_allclose(_np(m(x)), want, rtol=1e-4, atol=1e-5)
 
 
 def test_steer_only_round_trip_and_errors(stories, tmp_path):
