@@ -560,9 +560,9 @@ def report(results: list[dict], what: str, toxicity: bool, budget: float) -> dic
 
 
 def merged(specs: list[str]) -> tuple[list[dict], dict]:
-    """The rows of several runs: the baselines once (they must agree between
-    files: the same base, prompts and seed), every file's braces rows named."""
-    rows, first = [], None
+    """The rows of several runs: each baseline row once (the files must agree on
+    the base row: the same base, prompts and seed), every file's braces rows named."""
+    rows, first, seen = [], None, set()
     for spec in specs:
         path, _, name = spec.partition(":")
         try:
@@ -572,7 +572,6 @@ def merged(specs: list[str]) -> tuple[list[dict], dict]:
             raise EvalError(f"{path}: not an eval_steering.py JSON ({e})") from None
         if first is None:
             first = r
-            rows += [x for x in results if x["method"] != "braces"]
         elif results[0]["share"] != first["results"][0]["share"] or (
             results[0]["ppl"] != first["results"][0]["ppl"]
         ):
@@ -580,6 +579,11 @@ def merged(specs: list[str]) -> tuple[list[dict], dict]:
                 f"{path}: its base row differs from {specs[0]}'s (another base, "
                 "prompts or seed)"
             )
+        for x in results:  # baselines (base, actadd, prompt) new to the merge
+            key = (x["method"], x.get("layer"), x.get("strength"), x.get("direction"))
+            if x["method"] != "braces" and key not in seen:
+                seen.add(key)
+                rows.append(x)
         name = name or Path(r["args"]["adapter_path"]).name
         rows += [{**x, "variant": name} for x in results if x["method"] == "braces"]
     return rows, first

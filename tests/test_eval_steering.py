@@ -218,6 +218,20 @@ def test_smoke_run_writes_every_field_and_the_plot(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "| braces/a +2 |" in p.stdout and "| braces/b -2 |" in p.stdout
     assert p.stdout.count("| actadd L1 -1 |") == 1 and merged.stat().st_size > 1000
+    # a baseline only the second file has is kept (e.g. another block's actadd)
+    extra = json.loads(out.read_text())
+    for x in extra["results"]:
+        if x["method"] == "actadd" and x["layer"] == 1:
+            x["layer"] = 2
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    p = subprocess.run(
+        [*cmd[:3], f"{out}:a", f"{tmp_path / 'extra.json'}:b"],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("| actadd L1 -1 |") == 1
+    assert p.stdout.count("| actadd L2 -1 |") == 1
     other = json.loads(out.read_text())
     other["results"][0]["ppl"] += 1.0
     (tmp_path / "other.json").write_text(json.dumps(other))
